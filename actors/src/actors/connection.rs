@@ -1,0 +1,221 @@
+//! The ConnectionActor owns one agent's gRPC stream: it is the only writer to
+//! it (LESSONS 1), keeps the table of requests waiting for a reply, routes
+//! every reply to its caller by request id, errors included (LESSONS 3), fails
+//! each request whose deadline passes and, the moment the stream ends, every
+//! request still pending (LESSONS 2). Heartbeats and agent events go to the
+//! HostActor.
+//!
+//! Each connection has a generation number; the HostActor ignores the
+//! disconnect of a connection it has already replaced (LESSONS 5).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use corral_proto::pb;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+
+use super::host::HostMsg;
+use crate::error::CorralError;
+
+/// The answer to a command: the agent's reply, or why there is none.
+pub type HostReply = Result<pb::reply::Result, CorralError>;
+
+/// How often pending deadlines and heartbeat liveness are checked.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+pub enum ConnMsg {
+    /// Send a command and answer `reply` with the agent's reply.
+    Request {
+        payload: pb::control_message::Payload,
+        timeout: Duration,
+        reply: RpcReplyPort<HostReply>,
+    },
+    /// A message the agent sent on the stream.
+    Inbound(pb::AgentMessage),
+    /// The inbound half of the stream ended (EOF or error).
+    StreamEnded(String),
+    /// Expire overdue requests; check heartbeats.
+    Sweep,
+}
+
+pub struct ConnectionArgs {
+    pub host_id: String,
+    pub generation: u64,
+    pub outbound: mpsc::Sender<pb::ControlMessage>,
+    pub host: ActorRef<HostMsg>,
+    pub heartbeat_interval: Duration,
+}
+
+struct Pending {
+    reply: RpcReplyPort<HostReply>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+pub struct ConnectionState {
+    host_id: String,
+    generation: u64,
+    outbound: mpsc::Sender<pb::ControlMessage>,
+    host: ActorRef<HostMsg>,
+    heartbeat_interval: Duration,
+    next_request_id: u64,
+    pending: HashMap<u64, Pending>,
+    last_heard: Instant,
+}
+
+pub struct ConnectionActor;
+
+impl Actor for ConnectionActor {
+    type Msg = ConnMsg;
+    type State = ConnectionState;
+    type Arguments = ConnectionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConnectionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let ack = pb::ControlMessage {
+            request_id: 0,
+            trace: None,
+            payload: Some(pb::control_message::Payload::RegisterAck(pb::RegisterAck {
+                host_id: args.host_id.clone(),
+                heartbeat_interval_ms: u32::try_from(args.heartbeat_interval.as_millis())
+                    .unwrap_or(u32::MAX),
+            })),
+        };
+        args.outbound
+            .try_send(ack)
+            .map_err(|e| format!("stream closed before the register ack: {e}"))?;
+        myself.send_interval(SWEEP_INTERVAL, || ConnMsg::Sweep);
+        Ok(ConnectionState {
+            host_id: args.host_id,
+            generation: args.generation,
+            outbound: args.outbound,
+            host: args.host,
+            heartbeat_interval: args.heartbeat_interval,
+            next_request_id: 1,
+            pending: HashMap::new(),
+            last_heard: Instant::now(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConnMsg::Request {
+                payload,
+                timeout,
+                reply,
+            } => {
+                let request_id = state.next_request_id;
+                state.next_request_id += 1;
+                let envelope = pb::ControlMessage {
+                    request_id,
+                    trace: None,
+                    payload: Some(payload),
+                };
+                match state.outbound.try_send(envelope) {
+                    Ok(()) => {
+                        state.pending.insert(
+                            request_id,
+                            Pending {
+                                reply,
+                                deadline: Instant::now() + timeout,
+                                timeout,
+                            },
+                        );
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let _ = reply.send(Err(CorralError::HostBusy));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        let _ = reply.send(Err(CorralError::HostDisconnected));
+                        myself.stop(Some("outbound stream closed".into()));
+                    }
+                }
+            }
+            ConnMsg::Inbound(message) => {
+                state.last_heard = Instant::now();
+                self.route_inbound(message, state);
+            }
+            ConnMsg::StreamEnded(reason) => {
+                tracing::info!(host.id = %state.host_id, generation = state.generation, %reason, "agent stream ended");
+                myself.stop(Some(reason));
+            }
+            ConnMsg::Sweep => {
+                let now = Instant::now();
+                let overdue: Vec<u64> = state
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in overdue {
+                    if let Some(p) = state.pending.remove(&id) {
+                        let ms = u64::try_from(p.timeout.as_millis()).unwrap_or(u64::MAX);
+                        let _ = p.reply.send(Err(CorralError::HostTimeout(ms)));
+                    }
+                }
+                if now.duration_since(state.last_heard) > state.heartbeat_interval * 3 {
+                    tracing::warn!(host.id = %state.host_id, "no heartbeat for three intervals; dropping the connection");
+                    myself.stop(Some("heartbeat timeout".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for (_, pending) in state.pending.drain() {
+            let _ = pending.reply.send(Err(CorralError::HostDisconnected));
+        }
+        let _ = state.host.cast(HostMsg::Disconnected {
+            generation: state.generation,
+        });
+        Ok(())
+    }
+}
+
+impl ConnectionActor {
+    fn route_inbound(&self, message: pb::AgentMessage, state: &mut ConnectionState) {
+        use pb::agent_message::Payload;
+        match message.payload {
+            Some(Payload::Reply(reply)) => match state.pending.remove(&message.request_id) {
+                Some(pending) => {
+                    let result = match reply.result {
+                        Some(pb::reply::Result::Error(error)) => Err(CorralError::from_host(error)),
+                        Some(other) => Ok(other),
+                        None => Err(CorralError::Host {
+                            code: crate::error::HostErrorCode::Runtime,
+                            message: "the agent sent an empty reply".into(),
+                        }),
+                    };
+                    let _ = pending.reply.send(result);
+                }
+                None => {
+                    tracing::debug!(host.id = %state.host_id, request_id = message.request_id, "reply to no pending request (late or unknown)");
+                }
+            },
+            Some(Payload::Heartbeat(heartbeat)) => {
+                let _ = state.host.cast(HostMsg::Heartbeat(heartbeat));
+            }
+            Some(Payload::Event(event)) => {
+                let _ = state.host.cast(HostMsg::AgentEvent(event));
+            }
+            Some(Payload::Register(_)) => {
+                tracing::warn!(host.id = %state.host_id, "ignoring a second register on one stream");
+            }
+            None => {}
+        }
+    }
+}

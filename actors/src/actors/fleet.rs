@@ -1,0 +1,210 @@
+//! The FleetSupervisor: creates and supervises one HostActor per known host.
+//! At start-up it rebuilds the fleet from the database: every known host
+//! (disconnected until its agent dials in again) and every sandbox that is not
+//! destroyed, with its capacity reservation restored in the Scheduler.
+
+use std::collections::HashMap;
+
+use corral_proto::pb;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::mpsc;
+
+use super::connection::ConnMsg;
+use super::host::{HostActor, HostArgs, HostMsg};
+use super::scheduler::SchedulerMsg;
+use super::{names, Timeouts};
+use crate::domain::{HostState, Resources, SandboxState};
+use crate::error::CorralError;
+use crate::store::{HostRegistration, Store};
+
+pub enum FleetMsg {
+    /// An authenticated agent registered on a new stream.
+    HostConnected {
+        host_id: String,
+        registration: HostRegistration,
+        inventory: Vec<pb::SandboxStatus>,
+        outbound: mpsc::Sender<pb::ControlMessage>,
+        reply: RpcReplyPort<Result<ActorRef<ConnMsg>, CorralError>>,
+    },
+    /// The HostActor of a host, if the host is known.
+    GetHost(String, RpcReplyPort<Option<ActorRef<HostMsg>>>),
+}
+
+pub struct FleetArgs {
+    pub store: Store,
+    pub scheduler: ActorRef<SchedulerMsg>,
+    pub timeouts: Timeouts,
+    pub prefix: String,
+}
+
+pub struct FleetState {
+    args: FleetArgs,
+    hosts: HashMap<String, ActorRef<HostMsg>>,
+    by_actor: HashMap<ActorId, String>,
+}
+
+pub struct FleetSupervisor;
+
+impl Actor for FleetSupervisor {
+    type Msg = FleetMsg;
+    type State = FleetState;
+    type Arguments = FleetArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: FleetArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = FleetState {
+            args,
+            hosts: HashMap::new(),
+            by_actor: HashMap::new(),
+        };
+        // No agent is connected to a control plane that just started.
+        for host in state.args.store.list_hosts().await? {
+            if host.state != HostState::Disconnected.as_str()
+                && host.state != HostState::Offline.as_str()
+            {
+                state
+                    .args
+                    .store
+                    .set_host_state(&host.id, HostState::Disconnected)
+                    .await?;
+            }
+            self.host_actor(&myself, &mut state, &host.id).await?;
+        }
+        for row in state.args.store.load_live_sandboxes().await? {
+            let Some(host_id) = row.host_id.clone() else {
+                continue;
+            };
+            let host = self.host_actor(&myself, &mut state, &host_id).await?;
+            let holds = SandboxState::parse(&row.state).is_some_and(|s| s.holds_capacity());
+            if holds {
+                state.args.scheduler.cast(SchedulerMsg::Restore {
+                    sandbox_id: row.id.clone(),
+                    host_id: host_id.clone(),
+                    resources: Resources {
+                        cpu_millis: u64::try_from(row.cpu_millis).unwrap_or(0),
+                        memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
+                    },
+                })?;
+            }
+            host.cast(HostMsg::SpawnSandbox {
+                row,
+                insert: false,
+                waiter: None,
+                reply: None,
+            })?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            FleetMsg::HostConnected {
+                host_id,
+                registration,
+                inventory,
+                outbound,
+                reply,
+            } => match self.host_actor(&myself, state, &host_id).await {
+                Ok(host) => {
+                    // The HostActor answers the caller directly.
+                    if let Err(ractor::MessagingErr::SendErr(HostMsg::Connected {
+                        reply, ..
+                    })) = host.cast(HostMsg::Connected {
+                        registration,
+                        inventory,
+                        outbound,
+                        reply,
+                    }) {
+                        let _ = reply.send(Err(CorralError::Internal("host actor gone".into())));
+                    }
+                }
+                Err(err) => {
+                    let _ = reply.send(Err(CorralError::Internal(err.to_string())));
+                }
+            },
+            FleetMsg::GetHost(host_id, reply) => {
+                let _ = reply.send(state.hosts.get(&host_id).cloned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(host_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.hosts.remove(&host_id);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(host_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.hosts.remove(&host_id);
+                    tracing::error!(host.id = %host_id, %error, "host actor failed; restarting it");
+                    // Its sandboxes were its children and stopped with it;
+                    // rebuild them from their rows.
+                    match self.host_actor(&myself, state, &host_id).await {
+                        Ok(host) => {
+                            for row in state.args.store.load_live_sandboxes().await? {
+                                if row.host_id.as_deref() == Some(host_id.as_str()) {
+                                    let _ = host.cast(HostMsg::SpawnSandbox {
+                                        row,
+                                        insert: false,
+                                        waiter: None,
+                                        reply: None,
+                                    });
+                                }
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(host.id = %host_id, error = %err, "could not restart host actor")
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl FleetSupervisor {
+    async fn host_actor(
+        &self,
+        myself: &ActorRef<FleetMsg>,
+        state: &mut FleetState,
+        host_id: &str,
+    ) -> Result<ActorRef<HostMsg>, ActorProcessingErr> {
+        if let Some(host) = state.hosts.get(host_id) {
+            return Ok(host.clone());
+        }
+        let (host, _) = Actor::spawn_linked(
+            Some(names::host(&state.args.prefix, host_id)),
+            HostActor,
+            HostArgs {
+                host_id: host_id.to_string(),
+                store: state.args.store.clone(),
+                scheduler: state.args.scheduler.clone(),
+                timeouts: state.args.timeouts.clone(),
+                prefix: state.args.prefix.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        state.by_actor.insert(host.get_id(), host_id.to_string());
+        state.hosts.insert(host_id.to_string(), host.clone());
+        Ok(host)
+    }
+}

@@ -1,0 +1,114 @@
+//! The RootSupervisor: starts the Scheduler, the OrgsSupervisor and the
+//! FleetSupervisor (in that order: the fleet restores reservations into the
+//! scheduler) and hands out their references.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
+use super::ledger::{OrgsArgs, OrgsMsg, OrgsSupervisor};
+use super::scheduler::{Scheduler, SchedulerMsg};
+use super::{names, Timeouts};
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct TopLevel {
+    pub scheduler: ActorRef<SchedulerMsg>,
+    pub orgs: ActorRef<OrgsMsg>,
+    pub fleet: ActorRef<FleetMsg>,
+}
+
+pub enum RootMsg {
+    TopLevel(RpcReplyPort<TopLevel>),
+}
+
+pub struct RootArgs {
+    pub store: Store,
+    pub timeouts: Timeouts,
+    pub prefix: String,
+}
+
+pub struct RootSupervisor;
+
+impl Actor for RootSupervisor {
+    type Msg = RootMsg;
+    type State = TopLevel;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: RootArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (scheduler, _) = Actor::spawn_linked(
+            Some(names::singleton(&args.prefix, names::SCHEDULER)),
+            Scheduler,
+            (),
+            myself.get_cell(),
+        )
+        .await?;
+        let (orgs, _) = Actor::spawn_linked(
+            Some(names::singleton(&args.prefix, names::ORGS)),
+            OrgsSupervisor,
+            OrgsArgs {
+                store: args.store.clone(),
+                prefix: args.prefix.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        let (fleet, _) = Actor::spawn_linked(
+            Some(names::singleton(&args.prefix, names::FLEET)),
+            FleetSupervisor,
+            FleetArgs {
+                store: args.store,
+                scheduler: scheduler.clone(),
+                timeouts: args.timeouts,
+                prefix: args.prefix,
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(TopLevel {
+            scheduler,
+            orgs,
+            fleet,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RootMsg::TopLevel(reply) => {
+                let _ = reply.send(state.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // The top-level actors hold the whole system's state; if one of them
+        // dies the control plane cannot go on correctly. Stop, so that the
+        // process exits and is restarted, rebuilding from the database.
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                tracing::error!(actor = ?cell.get_name(), %error, "a top-level actor failed; stopping the control plane");
+                myself.stop(Some("top-level actor failed".into()));
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                tracing::warn!(actor = ?cell.get_name(), ?reason, "a top-level actor stopped");
+                myself.stop(Some("top-level actor stopped".into()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

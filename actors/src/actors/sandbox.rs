@@ -1,0 +1,576 @@
+//! The SandboxActor: one per sandbox that is not destroyed, and the only
+//! writer of its row. Its mailbox serialises the sandbox's lifecycle, so a
+//! delete that races a create waits for it and then undoes it (LESSONS 16).
+//!
+//! It works like a reconciler: the row carries `desired_state` next to
+//! `state`; [`SandboxActor::converge`] takes one step at a time toward the
+//! desired state, persisting the intent (`creating`, `stopping`, ...) before
+//! sending the command to the host and the outcome when the host answers.
+//! A host fault (disconnected, timed out, busy) leaves the transitional state
+//! in place and schedules another attempt; a definite refusal from the host
+//! (an unknown image, a runtime error on create) fails the sandbox with a
+//! reason. Execs run beside the mailbox: they do not change the lifecycle.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use corral_proto::pb;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::Instrument;
+
+use super::host::HostMsg;
+use super::scheduler::SchedulerMsg;
+use super::Timeouts;
+use crate::domain::{DesiredState, ExecOutcome, ExecSpec, SandboxState};
+use crate::error::{CorralError, HostErrorCode};
+use crate::store::{sandbox, Store};
+
+pub type SandboxReply = Result<sandbox::Model, CorralError>;
+
+pub enum SandboxMsg {
+    /// Drive the sandbox toward its desired state; answer with the row.
+    Converge(Option<RpcReplyPort<SandboxReply>>),
+    /// Change the desired state, then converge.
+    SetDesired {
+        desired: DesiredState,
+        reply: RpcReplyPort<SandboxReply>,
+    },
+    Exec {
+        spec: ExecSpec,
+        reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
+    },
+    /// The host reported this sandbox's status (event or inventory).
+    Observed {
+        status: pb::SandboxStatus,
+        reason: String,
+    },
+    /// The row as the actor holds it.
+    Get(RpcReplyPort<sandbox::Model>),
+}
+
+pub struct SandboxArgs {
+    pub row: sandbox::Model,
+    /// Insert the row in `pre_start` (a new sandbox) rather than trust it.
+    pub insert: bool,
+    pub store: Store,
+    pub host: ActorRef<HostMsg>,
+    pub scheduler: ActorRef<SchedulerMsg>,
+    pub timeouts: Timeouts,
+    /// Answered with the outcome of the first convergence (the creator
+    /// waiting for "running").
+    pub waiter: Option<RpcReplyPort<SandboxReply>>,
+}
+
+pub struct SandboxActorState {
+    row: sandbox::Model,
+    store: Store,
+    host: ActorRef<HostMsg>,
+    scheduler: ActorRef<SchedulerMsg>,
+    timeouts: Timeouts,
+    /// Consecutive host faults, for the retry backoff.
+    faults: u32,
+    retry_scheduled: bool,
+    waiter: Option<RpcReplyPort<SandboxReply>>,
+}
+
+pub struct SandboxActor;
+
+fn state_of(row: &sandbox::Model) -> SandboxState {
+    SandboxState::parse(&row.state).unwrap_or(SandboxState::Failed)
+}
+
+fn desired_of(row: &sandbox::Model) -> DesiredState {
+    DesiredState::parse(&row.desired_state).unwrap_or(DesiredState::Destroyed)
+}
+
+/// The next command to send for a sandbox in `state` that should be in
+/// `desired`, with the transitional state to persist first. `None` means
+/// converged (or nothing more can be done, as for a failed sandbox).
+pub fn next_step(state: SandboxState, desired: DesiredState) -> Option<Step> {
+    use DesiredState as D;
+    use SandboxState as S;
+    match (state, desired) {
+        (S::Destroyed, _) => None,
+        (S::Failed | S::Lost, D::Running | D::Stopped) => None,
+        (_, D::Destroyed) => Some(Step::Destroy),
+        (S::Pending | S::Scheduled | S::Creating, _) => Some(Step::Create),
+        (S::Stopped | S::Starting, D::Running) => Some(Step::Start),
+        (S::Running | S::Stopping, D::Stopped) => Some(Step::Stop),
+        (S::Starting, D::Stopped) => Some(Step::Stop),
+        (S::Stopping, D::Running) => Some(Step::Start),
+        (S::Running, D::Running) | (S::Stopped, D::Stopped) => None,
+        (S::Destroying, _) => Some(Step::Destroy),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Create,
+    Start,
+    Stop,
+    Destroy,
+}
+
+impl Step {
+    fn transitional(self) -> SandboxState {
+        match self {
+            Step::Create => SandboxState::Creating,
+            Step::Start => SandboxState::Starting,
+            Step::Stop => SandboxState::Stopping,
+            Step::Destroy => SandboxState::Destroying,
+        }
+    }
+}
+
+fn json_map(value: &serde_json::Value) -> BTreeMap<String, String> {
+    serde_json::from_value(value.clone()).unwrap_or_default()
+}
+
+fn observed_state(phase: i32) -> Option<SandboxState> {
+    match pb::SandboxPhase::try_from(phase).ok()? {
+        pb::SandboxPhase::Running => Some(SandboxState::Running),
+        pb::SandboxPhase::Stopped => Some(SandboxState::Stopped),
+        pb::SandboxPhase::Created => Some(SandboxState::Creating),
+        pb::SandboxPhase::Absent => Some(SandboxState::Destroyed),
+        pb::SandboxPhase::Unspecified => None,
+    }
+}
+
+impl Actor for SandboxActor {
+    type Msg = SandboxMsg;
+    type State = SandboxActorState;
+    type Arguments = SandboxArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SandboxArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // Persist the intent before anything is sent to a host.
+        let row = if args.insert {
+            args.store.insert_sandbox(args.row).await?
+        } else {
+            args.row
+        };
+        Ok(SandboxActorState {
+            row,
+            store: args.store,
+            host: args.host,
+            scheduler: args.scheduler,
+            timeouts: args.timeouts,
+            faults: 0,
+            retry_scheduled: false,
+            waiter: args.waiter,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Start converging at once; the creator, if waiting, gets the
+        // outcome of this very attempt.
+        let _ = myself.cast(SandboxMsg::Converge(state.waiter.take()));
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SandboxMsg::Converge(reply) => {
+                state.retry_scheduled = false;
+                let result = self.converge(&myself, state).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            SandboxMsg::SetDesired { desired, reply } => {
+                let result = match self.set_desired(state, desired).await {
+                    Ok(()) => self.converge(&myself, state).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            SandboxMsg::Exec { spec, reply } => self.exec(state, spec, reply),
+            SandboxMsg::Observed { status, reason } => {
+                self.observe(&myself, state, status, &reason).await
+            }
+            SandboxMsg::Get(reply) => {
+                let _ = reply.send(state.row.clone());
+            }
+        }
+        if state_of(&state.row).is_terminal() {
+            myself.stop(Some("destroyed".into()));
+        }
+        Ok(())
+    }
+}
+
+impl SandboxActor {
+    async fn set_desired(
+        &self,
+        state: &mut SandboxActorState,
+        desired: DesiredState,
+    ) -> Result<(), CorralError> {
+        let current = state_of(&state.row);
+        if desired != DesiredState::Destroyed
+            && matches!(current, SandboxState::Failed | SandboxState::Lost)
+        {
+            return Err(CorralError::InvalidState(format!(
+                "the sandbox is {current}; it can only be deleted"
+            )));
+        }
+        if desired_of(&state.row) == DesiredState::Destroyed && desired != DesiredState::Destroyed {
+            return Err(CorralError::InvalidState(
+                "the sandbox is being deleted".into(),
+            ));
+        }
+        if desired_of(&state.row) != desired {
+            let mut row = state.row.clone();
+            row.desired_state = desired.as_str().to_string();
+            self.persist(state, row).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes steps until converged, a host fault (retried later) or a failure.
+    async fn converge(
+        &self,
+        myself: &ActorRef<SandboxMsg>,
+        state: &mut SandboxActorState,
+    ) -> Result<sandbox::Model, CorralError> {
+        while let Some(step) = next_step(state_of(&state.row), desired_of(&state.row)) {
+            let span = tracing::info_span!("sandbox.step", sandbox.id = %state.row.id, ?step);
+            if let Err(err) = self.take_step(state, step).instrument(span).await {
+                if err.is_host_fault() {
+                    self.schedule_retry(myself, state);
+                }
+                return Err(err);
+            }
+            state.faults = 0;
+        }
+        Ok(state.row.clone())
+    }
+
+    async fn take_step(
+        &self,
+        state: &mut SandboxActorState,
+        step: Step,
+    ) -> Result<(), CorralError> {
+        let mut row = state.row.clone();
+        let transitional = step.transitional();
+        if state_of(&row) != transitional {
+            row.state = transitional.as_str().to_string();
+            row = self.persist(state, row).await?;
+        }
+        let (payload, timeout) = match step {
+            Step::Create => (
+                pb::control_message::Payload::Create(pb::CreateSandbox {
+                    sandbox_id: row.id.clone(),
+                    image: row.image.clone(),
+                    command: serde_json::from_value(row.command.clone()).unwrap_or_default(),
+                    env: json_map(&row.env).into_iter().collect(),
+                    workdir: row.workdir.clone().unwrap_or_default(),
+                    cpu_millis: u32::try_from(row.cpu_millis).unwrap_or(u32::MAX),
+                    memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
+                    labels: json_map(&row.labels).into_iter().collect(),
+                    hostname: row.name.clone().unwrap_or_else(|| row.id.clone()),
+                }),
+                state.timeouts.create,
+            ),
+            Step::Start => (
+                pb::control_message::Payload::Start(pb::StartSandbox {
+                    sandbox_id: row.id.clone(),
+                }),
+                state.timeouts.start,
+            ),
+            Step::Stop => (
+                pb::control_message::Payload::Stop(pb::StopSandbox {
+                    sandbox_id: row.id.clone(),
+                    grace_period_ms: u32::try_from(state.timeouts.stop_grace.as_millis())
+                        .unwrap_or(u32::MAX),
+                }),
+                state.timeouts.stop_grace + state.timeouts.start,
+            ),
+            Step::Destroy => (
+                pb::control_message::Payload::Destroy(pb::DestroySandbox {
+                    sandbox_id: row.id.clone(),
+                }),
+                state.timeouts.destroy,
+            ),
+        };
+        let result = send_to_host(&state.host, payload, timeout).await;
+        match result {
+            Ok(pb::reply::Result::Sandbox(status)) => {
+                let observed = observed_state(status.phase);
+                let now = Utc::now();
+                match (step, observed) {
+                    (Step::Destroy, _) => {
+                        row.state = SandboxState::Destroyed.as_str().to_string();
+                        self.persist(state, row).await?;
+                        self.release(state);
+                    }
+                    (_, Some(SandboxState::Running)) => {
+                        row.state = SandboxState::Running.as_str().to_string();
+                        row.started_at = Some(now);
+                        row.exit_code = None;
+                        row.failure_reason = None;
+                        if row.expires_at.is_none() {
+                            row.expires_at = row
+                                .ttl_seconds
+                                .map(|ttl| now + chrono::Duration::seconds(ttl));
+                        }
+                        self.persist(state, row).await?;
+                    }
+                    (_, Some(SandboxState::Stopped)) => {
+                        row.state = SandboxState::Stopped.as_str().to_string();
+                        row.exit_code = status.exit_code;
+                        self.persist(state, row).await?;
+                    }
+                    (_, other) => {
+                        return Err(CorralError::Host {
+                            code: HostErrorCode::Runtime,
+                            message: format!(
+                                "the host answered {step:?} with phase {:?}",
+                                other.map(|s| s.as_str())
+                            ),
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Ok(_) => Err(CorralError::Host {
+                code: HostErrorCode::Runtime,
+                message: "the host sent a reply of the wrong kind".into(),
+            }),
+            Err(err) if err.is_host_fault() => Err(err),
+            Err(err) => {
+                match step {
+                    // The host refused to create it: the sandbox cannot run.
+                    Step::Create => {
+                        row.state = SandboxState::Failed.as_str().to_string();
+                        row.failure_reason = Some(failure_reason(&err));
+                        self.persist(state, row).await?;
+                        self.release(state);
+                    }
+                    // Destroying something the host does not have is done.
+                    Step::Destroy
+                        if matches!(
+                            err,
+                            CorralError::Host {
+                                code: HostErrorCode::SandboxNotFound,
+                                ..
+                            }
+                        ) =>
+                    {
+                        row.state = SandboxState::Destroyed.as_str().to_string();
+                        self.persist(state, row).await?;
+                        self.release(state);
+                        return Ok(());
+                    }
+                    // Start/stop/destroy refused: record why; stay where we
+                    // were observed to be.
+                    _ => {
+                        row.failure_reason = Some(failure_reason(&err));
+                        self.persist(state, row).await?;
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn exec(
+        &self,
+        state: &SandboxActorState,
+        spec: ExecSpec,
+        reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
+    ) {
+        let current = state_of(&state.row);
+        if current != SandboxState::Running {
+            let _ = reply.send(Err(CorralError::InvalidState(format!(
+                "the sandbox is {current}; exec needs it running"
+            ))));
+            return;
+        }
+        let host = state.host.clone();
+        let timeout =
+            Duration::from_millis(u64::from(spec.timeout_ms)) + state.timeouts.exec_margin;
+        let payload = pb::control_message::Payload::Exec(pb::ExecRequest {
+            sandbox_id: state.row.id.clone(),
+            argv: spec.argv,
+            env: spec.env.into_iter().collect(),
+            workdir: spec.workdir.unwrap_or_default(),
+            timeout_ms: spec.timeout_ms,
+            max_output_bytes: spec.max_output_bytes,
+        });
+        tokio::spawn(async move {
+            let result = match send_to_host(&host, payload, timeout).await {
+                Ok(pb::reply::Result::Exec(out)) => Ok(ExecOutcome {
+                    exit_code: out.exit_code,
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                    stdout_truncated: out.stdout_truncated,
+                    stderr_truncated: out.stderr_truncated,
+                    duration_ms: out.duration_ms,
+                    timed_out: out.timed_out,
+                }),
+                Ok(_) => Err(CorralError::Host {
+                    code: HostErrorCode::Runtime,
+                    message: "the host sent a reply of the wrong kind".into(),
+                }),
+                Err(err) => Err(err),
+            };
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Applies a status the host reported on its own. Only settled phases
+    /// are taken; a sandbox in the middle of a step is left to that step.
+    async fn observe(
+        &self,
+        myself: &ActorRef<SandboxMsg>,
+        state: &mut SandboxActorState,
+        status: pb::SandboxStatus,
+        reason: &str,
+    ) {
+        let Some(observed) = observed_state(status.phase) else {
+            return;
+        };
+        let current = state_of(&state.row);
+        let mut row = state.row.clone();
+        match (current, observed) {
+            (SandboxState::Running, SandboxState::Stopped) => {
+                // The main process ended by itself. Sandboxes have no restart
+                // policy yet: it stays stopped until someone starts it.
+                tracing::info!(sandbox.id = %row.id, %reason, exit_code = ?status.exit_code, "sandbox stopped on its own");
+                row.state = SandboxState::Stopped.as_str().to_string();
+                row.desired_state = DesiredState::Stopped.as_str().to_string();
+                row.exit_code = status.exit_code;
+            }
+            (SandboxState::Running | SandboxState::Stopped, SandboxState::Destroyed) => {
+                tracing::warn!(sandbox.id = %row.id, %reason, "sandbox vanished from its host");
+                row.state = SandboxState::Lost.as_str().to_string();
+                row.failure_reason = Some(format!("the host no longer has it ({reason})"));
+            }
+            _ => {
+                // Inventory on (re)connect: converge from what is known.
+                let _ = myself.cast(SandboxMsg::Converge(None));
+                return;
+            }
+        }
+        let lost = state_of(&row) == SandboxState::Lost;
+        if let Err(err) = self.persist(state, row).await {
+            tracing::error!(sandbox.id = %state.row.id, error = %err, "could not persist an observed state");
+        } else if lost {
+            self.release(state);
+        }
+    }
+
+    async fn persist(
+        &self,
+        state: &mut SandboxActorState,
+        mut row: sandbox::Model,
+    ) -> Result<sandbox::Model, CorralError> {
+        row.updated_at = Utc::now();
+        let saved = state.store.save_sandbox(row).await?;
+        state.row = saved.clone();
+        Ok(saved)
+    }
+
+    fn release(&self, state: &SandboxActorState) {
+        let _ = state.scheduler.cast(SchedulerMsg::Release {
+            sandbox_id: state.row.id.clone(),
+        });
+    }
+
+    fn schedule_retry(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        state.faults = state.faults.saturating_add(1);
+        if state.retry_scheduled {
+            return;
+        }
+        state.retry_scheduled = true;
+        let backoff = Duration::from_millis(500)
+            .saturating_mul(1 << state.faults.min(6))
+            .min(Duration::from_secs(30));
+        myself.send_after(backoff, || SandboxMsg::Converge(None));
+    }
+}
+
+fn failure_reason(err: &CorralError) -> String {
+    match err {
+        CorralError::Host { code, message } => format!("{}: {message}", code.as_str()),
+        other => other.to_string(),
+    }
+}
+
+/// Sends a command through the sandbox's HostActor and waits for the reply,
+/// bounded by `timeout` (the ConnectionActor enforces the same deadline; the
+/// margin here only guards against a lost actor).
+pub(crate) async fn send_to_host(
+    host: &ActorRef<HostMsg>,
+    payload: pb::control_message::Payload,
+    timeout: Duration,
+) -> Result<pb::reply::Result, CorralError> {
+    let margin = Duration::from_secs(2);
+    match host
+        .call(
+            |reply| HostMsg::Dispatch {
+                payload,
+                timeout,
+                reply,
+            },
+            Some(timeout + margin),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        Ok(ractor::rpc::CallResult::Timeout) => Err(CorralError::HostTimeout(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        )),
+        Ok(ractor::rpc::CallResult::SenderError) => Err(CorralError::HostDisconnected),
+        Err(_) => Err(CorralError::HostUnavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DesiredState as D;
+    use SandboxState as S;
+
+    #[test]
+    fn next_step_drives_toward_the_desired_state() {
+        assert_eq!(next_step(S::Scheduled, D::Running), Some(Step::Create));
+        assert_eq!(next_step(S::Creating, D::Running), Some(Step::Create));
+        assert_eq!(next_step(S::Running, D::Running), None);
+        assert_eq!(next_step(S::Running, D::Stopped), Some(Step::Stop));
+        assert_eq!(next_step(S::Stopped, D::Running), Some(Step::Start));
+        assert_eq!(next_step(S::Running, D::Destroyed), Some(Step::Destroy));
+        assert_eq!(next_step(S::Failed, D::Destroyed), Some(Step::Destroy));
+        assert_eq!(next_step(S::Failed, D::Running), None);
+        assert_eq!(next_step(S::Destroyed, D::Destroyed), None);
+    }
+
+    #[test]
+    fn every_state_and_desire_has_a_decision() {
+        // A transitional state left behind by a crash always has a next step
+        // (or is settled); nothing is stuck by construction.
+        for s in S::ALL {
+            for d in D::ALL {
+                if let Some(step) = next_step(*s, *d) {
+                    assert_ne!(step.transitional(), S::Destroyed);
+                }
+            }
+        }
+        assert_eq!(next_step(S::Stopping, D::Stopped), Some(Step::Stop));
+        assert_eq!(next_step(S::Starting, D::Running), Some(Step::Start));
+        assert_eq!(next_step(S::Destroying, D::Destroyed), Some(Step::Destroy));
+    }
+}

@@ -1,0 +1,467 @@
+//! [`ControlPlane`]: the one handle through which the REST API and the agent
+//! gRPC service drive the actor tree. It validates nothing (the edge does)
+//! and writes no sandbox, host or ledger row itself (their actors do); it
+//! reads rows for queries and routes commands to the right actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use corral_proto::pb;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+
+use crate::actors::connection::ConnMsg;
+use crate::actors::fleet::FleetMsg;
+use crate::actors::ledger::{LedgerMsg, LedgerSummary, OrgsMsg};
+use crate::actors::root::{RootArgs, RootMsg, RootSupervisor, TopLevel};
+use crate::actors::sandbox::{SandboxMsg, SandboxReply};
+use crate::actors::scheduler::{HostCapacity, SchedulerMsg};
+use crate::actors::{names, Timeouts};
+use crate::domain::{
+    new_id, DesiredState, ExecOutcome, ExecSpec, Resources, SandboxSpec, SandboxState,
+};
+use crate::error::{CorralError, Result};
+use crate::store::{sandbox, HostRegistration, SandboxFilter, Store};
+use crate::tree::{self, ActorNode};
+
+/// How the control plane is set up.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    pub database_url: String,
+    pub timeouts: Timeouts,
+}
+
+/// A running control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    root: ActorRef<RootMsg>,
+    top: TopLevel,
+    prefix: String,
+    timeouts: Timeouts,
+}
+
+/// A host as operators see it.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub row: crate::store::host::Model,
+    pub capacity: Option<HostCapacity>,
+}
+
+async fn call<M, T>(
+    actor: &ActorRef<M>,
+    make: impl FnOnce(RpcReplyPort<T>) -> M,
+    timeout: Duration,
+) -> Result<T>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(make, Some(timeout)).await {
+        Ok(CallResult::Success(value)) => Ok(value),
+        Ok(CallResult::Timeout) => Err(CorralError::Internal("actor call timed out".into())),
+        Ok(CallResult::SenderError) | Err(_) => {
+            Err(CorralError::Internal("actor unavailable".into()))
+        }
+    }
+}
+
+/// A reply port whose answer nobody waits for (fire-and-forget requests).
+fn detached<T: Send + 'static>() -> RpcReplyPort<T> {
+    let (tx, _rx) = tokio::sync::oneshot::channel();
+    tx.into()
+}
+
+const QUICK: Duration = Duration::from_secs(10);
+
+impl ControlPlane {
+    /// Connects the store (running migrations) and rebuilds the actor tree
+    /// from it.
+    pub async fn start(config: ControlPlaneConfig) -> Result<Self> {
+        let store = Store::connect(&config.database_url).await?;
+        Self::start_with_store(store, config.timeouts).await
+    }
+
+    pub async fn start_with_store(store: Store, timeouts: Timeouts) -> Result<Self> {
+        let prefix = format!("{}/", &new_id("cp")[3..15]);
+        let (root, _) = Actor::spawn(
+            Some(names::singleton(&prefix, names::ROOT)),
+            RootSupervisor,
+            RootArgs {
+                store: store.clone(),
+                timeouts: timeouts.clone(),
+                prefix: prefix.clone(),
+            },
+        )
+        .await
+        .map_err(|e| CorralError::Internal(format!("could not start the actor tree: {e}")))?;
+        let top = call(&root, RootMsg::TopLevel, QUICK).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                root,
+                top,
+                prefix,
+                timeouts,
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.inner.timeouts
+    }
+
+    /// Stops the actor tree (connections close; sandboxes keep running on
+    /// their hosts).
+    pub async fn shutdown(&self) {
+        let _ = self
+            .inner
+            .root
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10)))
+            .await;
+    }
+
+    /// Whether the actor tree is alive.
+    pub fn is_alive(&self) -> bool {
+        matches!(
+            self.inner.root.get_status(),
+            ractor::ActorStatus::Running | ractor::ActorStatus::Upgrading
+        )
+    }
+
+    // ---- sandboxes -----------------------------------------------------
+
+    /// Places and creates a sandbox. With `wait`, answers once it runs (or
+    /// failed); otherwise once the intent is persisted.
+    pub async fn create_sandbox(
+        &self,
+        org_id: &str,
+        spec: SandboxSpec,
+        wait: bool,
+    ) -> Result<sandbox::Model> {
+        let ledger = self.ledger(org_id).await?;
+        call(&ledger, LedgerMsg::AuthorizeCreate, QUICK).await??;
+
+        let sandbox_id = new_id("sbx");
+        let resources = spec.resources();
+        let host_id = call(
+            &self.inner.top.scheduler,
+            |reply| SchedulerMsg::Place {
+                sandbox_id: sandbox_id.clone(),
+                resources,
+                reply,
+            },
+            QUICK,
+        )
+        .await??;
+        let (waiter, outcome) = tokio::sync::oneshot::channel();
+        let spawned = self
+            .spawn_sandbox(org_id, &sandbox_id, &host_id, spec, waiter.into())
+            .await;
+        let actor = match spawned {
+            Ok(actor) => actor,
+            Err(err) => {
+                // Nothing was persisted or sent: give the reservation back.
+                let _ = self
+                    .inner
+                    .top
+                    .scheduler
+                    .cast(SchedulerMsg::Release { sandbox_id });
+                return Err(err);
+            }
+        };
+        if wait {
+            let timeout = self.inner.timeouts.create + Duration::from_secs(30);
+            match tokio::time::timeout(timeout, outcome).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(CorralError::Internal("sandbox actor gone".into())),
+                Err(_) => Err(CorralError::HostTimeout(
+                    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                )),
+            }
+        } else {
+            call(&actor, SandboxMsg::Get, QUICK).await
+        }
+    }
+
+    async fn spawn_sandbox(
+        &self,
+        org_id: &str,
+        sandbox_id: &str,
+        host_id: &str,
+        spec: SandboxSpec,
+        waiter: RpcReplyPort<SandboxReply>,
+    ) -> Result<ActorRef<SandboxMsg>> {
+        let host = call(
+            &self.inner.top.fleet,
+            |reply| FleetMsg::GetHost(host_id.to_string(), reply),
+            QUICK,
+        )
+        .await?
+        .ok_or(CorralError::HostUnavailable)?;
+        let now = Utc::now();
+        let to_json = |v: &dyn erased::Json| v.to_value();
+        let row = sandbox::Model {
+            id: sandbox_id.to_string(),
+            org_id: org_id.to_string(),
+            host_id: Some(host_id.to_string()),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            command: to_json(&spec.command),
+            env: to_json(&spec.env),
+            labels: to_json(&spec.labels),
+            workdir: spec.workdir.clone(),
+            cpu_millis: i64::from(spec.cpu_millis),
+            memory_mb: i64::try_from(spec.memory_mb).unwrap_or(i64::MAX),
+            ttl_seconds: spec
+                .ttl_seconds
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+            state: SandboxState::Scheduled.as_str().to_string(),
+            desired_state: DesiredState::Running.as_str().to_string(),
+            failure_reason: None,
+            exit_code: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            expires_at: None,
+        };
+        call(
+            &host,
+            |reply| crate::actors::host::HostMsg::SpawnSandbox {
+                row,
+                insert: true,
+                waiter: Some(waiter),
+                reply: Some(reply),
+            },
+            QUICK,
+        )
+        .await?
+    }
+
+    async fn wait_on(
+        &self,
+        actor: &ActorRef<SandboxMsg>,
+        make: impl FnOnce(RpcReplyPort<SandboxReply>) -> SandboxMsg,
+        timeout: Duration,
+    ) -> Result<sandbox::Model> {
+        // The actor's own steps are bounded by the host deadlines; the margin
+        // covers queueing behind an earlier operation.
+        match actor
+            .call(make, Some(timeout + Duration::from_secs(30)))
+            .await
+        {
+            Ok(CallResult::Success(result)) => result,
+            Ok(CallResult::Timeout) => Err(CorralError::HostTimeout(
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            )),
+            Ok(CallResult::SenderError) | Err(_) => {
+                Err(CorralError::Internal("sandbox actor unavailable".into()))
+            }
+        }
+    }
+
+    /// One of the org's sandboxes; another org's is "not found".
+    pub async fn get_sandbox(&self, org_id: &str, id: &str) -> Result<sandbox::Model> {
+        self.inner
+            .store
+            .get_sandbox(org_id, id)
+            .await?
+            .ok_or(CorralError::NotFound("sandbox"))
+    }
+
+    pub async fn list_sandboxes(
+        &self,
+        org_id: &str,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<sandbox::Model>> {
+        self.inner.store.list_sandboxes(org_id, filter).await
+    }
+
+    fn sandbox_actor(&self, id: &str) -> Option<ActorRef<SandboxMsg>> {
+        ractor::registry::where_is(names::sandbox(&self.inner.prefix, id)).map(ActorRef::from)
+    }
+
+    /// Sets the desired state of one of the org's sandboxes and, with
+    /// `wait`, answers once it is reached (or the attempt failed).
+    pub async fn set_desired(
+        &self,
+        org_id: &str,
+        id: &str,
+        desired: DesiredState,
+        wait: bool,
+    ) -> Result<sandbox::Model> {
+        let row = self.get_sandbox(org_id, id).await?;
+        if row.state == SandboxState::Destroyed.as_str() {
+            return if desired == DesiredState::Destroyed {
+                Ok(row)
+            } else {
+                Err(CorralError::InvalidState("the sandbox is destroyed".into()))
+            };
+        }
+        if desired == DesiredState::Running {
+            let ledger = self.ledger(org_id).await?;
+            call(&ledger, LedgerMsg::AuthorizeCreate, QUICK).await??;
+        }
+        let actor = self
+            .sandbox_actor(id)
+            .ok_or_else(|| CorralError::Internal(format!("no actor for live sandbox {id}")))?;
+        if wait {
+            let timeout = match desired {
+                DesiredState::Running => self.inner.timeouts.start.max(self.inner.timeouts.create),
+                DesiredState::Stopped => self.inner.timeouts.stop_grace + self.inner.timeouts.start,
+                DesiredState::Destroyed => {
+                    self.inner.timeouts.destroy + self.inner.timeouts.stop_grace
+                }
+            };
+            self.wait_on(
+                &actor,
+                |reply| SandboxMsg::SetDesired { desired, reply },
+                timeout,
+            )
+            .await
+        } else {
+            actor
+                .cast(SandboxMsg::SetDesired {
+                    desired,
+                    reply: detached(),
+                })
+                .map_err(|_| CorralError::Internal("sandbox actor unavailable".into()))?;
+            let mut row = row;
+            row.desired_state = desired.as_str().to_string();
+            Ok(row)
+        }
+    }
+
+    pub async fn exec(&self, org_id: &str, id: &str, spec: ExecSpec) -> Result<ExecOutcome> {
+        let row = self.get_sandbox(org_id, id).await?;
+        if row.state != SandboxState::Running.as_str() {
+            return Err(CorralError::InvalidState(format!(
+                "the sandbox is {}; exec needs it running",
+                row.state
+            )));
+        }
+        let actor = self
+            .sandbox_actor(id)
+            .ok_or_else(|| CorralError::Internal(format!("no actor for live sandbox {id}")))?;
+        let timeout = Duration::from_millis(u64::from(spec.timeout_ms))
+            + self.inner.timeouts.exec_margin
+            + Duration::from_secs(5);
+        call(&actor, |reply| SandboxMsg::Exec { spec, reply }, timeout).await?
+    }
+
+    // ---- hosts ---------------------------------------------------------
+
+    /// An authenticated agent registered; answers with the connection actor
+    /// to which the stream's inbound messages must be sent.
+    pub async fn host_connected(
+        &self,
+        host_id: &str,
+        registration: HostRegistration,
+        inventory: Vec<pb::SandboxStatus>,
+        outbound: mpsc::Sender<pb::ControlMessage>,
+    ) -> Result<ActorRef<ConnMsg>> {
+        call(
+            &self.inner.top.fleet,
+            |reply| FleetMsg::HostConnected {
+                host_id: host_id.to_string(),
+                registration,
+                inventory,
+                outbound,
+                reply,
+            },
+            QUICK,
+        )
+        .await?
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>> {
+        let rows = self.inner.store.list_hosts().await?;
+        let capacity = call(&self.inner.top.scheduler, SchedulerMsg::Snapshot, QUICK).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let capacity = capacity.get(&row.id).cloned();
+                HostView { row, capacity }
+            })
+            .collect())
+    }
+
+    /// The scheduler's capacity view (tests check it is never exceeded).
+    pub async fn capacity(&self) -> Result<std::collections::HashMap<String, HostCapacity>> {
+        call(&self.inner.top.scheduler, SchedulerMsg::Snapshot, QUICK).await
+    }
+
+    // ---- billing -------------------------------------------------------
+
+    async fn ledger(&self, org_id: &str) -> Result<ActorRef<LedgerMsg>> {
+        call(
+            &self.inner.top.orgs,
+            |reply| OrgsMsg::Ledger(org_id.to_string(), reply),
+            QUICK,
+        )
+        .await?
+    }
+
+    pub async fn deposit(
+        &self,
+        org_id: &str,
+        amount_micros: i64,
+        reference: &str,
+        description: &str,
+    ) -> Result<LedgerSummary> {
+        if self.inner.store.get_org(org_id).await?.is_none() {
+            return Err(CorralError::NotFound("organisation"));
+        }
+        let ledger = self.ledger(org_id).await?;
+        call(
+            &ledger,
+            |reply| LedgerMsg::Deposit {
+                amount_micros,
+                reference: reference.to_string(),
+                description: description.to_string(),
+                reply,
+            },
+            QUICK,
+        )
+        .await?
+    }
+
+    pub async fn billing(&self, org_id: &str) -> Result<LedgerSummary> {
+        let ledger = self.ledger(org_id).await?;
+        call(&ledger, LedgerMsg::Summary, QUICK).await
+    }
+
+    // ---- operators -----------------------------------------------------
+
+    /// The live supervision tree.
+    pub fn actor_tree(&self) -> ActorNode {
+        tree::snapshot(&self.inner.prefix, &self.inner.root.get_cell())
+    }
+
+    /// Resources the scheduler has reserved on a host, if known.
+    pub async fn allocated_on(&self, host_id: &str) -> Result<Option<Resources>> {
+        Ok(self.capacity().await?.get(host_id).map(|c| c.allocated))
+    }
+}
+
+/// Serialises the spec's collections into the row's JSON columns.
+mod erased {
+    pub trait Json {
+        fn to_value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}

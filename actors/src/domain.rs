@@ -1,0 +1,425 @@
+//! Domain vocabulary: identifiers, the sandbox and host state machines,
+//! resources, and validation of everything a client may send. Pure code, no
+//! I/O: the REST layer validates into these types and the actors trust them.
+
+use std::collections::BTreeMap;
+
+use crate::error::CorralError;
+
+/// A fresh, time-ordered identifier with a kind prefix, e.g. `sbx_0193...`.
+/// Ordering by id is ordering by creation time, which cursor pagination uses.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Where a sandbox is in its lifecycle (the observed state).
+    SandboxState {
+        Pending = "pending",
+        Scheduled = "scheduled",
+        Creating = "creating",
+        Running = "running",
+        Starting = "starting",
+        Stopping = "stopping",
+        Stopped = "stopped",
+        Destroying = "destroying",
+        Destroyed = "destroyed",
+        Failed = "failed",
+        Lost = "lost",
+    }
+);
+
+string_enum!(
+    /// What the owner of a sandbox wants it to be.
+    DesiredState {
+        Running = "running",
+        Stopped = "stopped",
+        Destroyed = "destroyed",
+    }
+);
+
+string_enum!(
+    /// A host's connection and scheduling state.
+    HostState {
+        Ready = "ready",
+        Cordoned = "cordoned",
+        Draining = "draining",
+        Disconnected = "disconnected",
+        Offline = "offline",
+    }
+);
+
+string_enum!(
+    /// An organisation's billing status.
+    BillingStatus {
+        Active = "active",
+        Warning = "warning",
+        Grace = "grace",
+        Suspended = "suspended",
+        Exempt = "exempt",
+    }
+);
+
+impl SandboxState {
+    /// A sandbox in a terminal state has no actor and never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Destroyed)
+    }
+
+    /// States in which the sandbox holds a reservation on its host.
+    pub fn holds_capacity(self) -> bool {
+        !matches!(
+            self,
+            Self::Destroyed | Self::Failed | Self::Lost | Self::Pending
+        )
+    }
+}
+
+/// CPU (thousandths of a core) and memory (MiB).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+}
+
+impl Resources {
+    pub fn fits_in(self, free: Resources) -> bool {
+        self.cpu_millis <= free.cpu_millis && self.memory_mb <= free.memory_mb
+    }
+}
+
+/// A validated request for a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    pub name: Option<String>,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub cpu_millis: u32,
+    pub memory_mb: u64,
+    pub ttl_seconds: Option<u64>,
+}
+
+impl SandboxSpec {
+    pub fn resources(&self) -> Resources {
+        Resources {
+            cpu_millis: u64::from(self.cpu_millis),
+            memory_mb: self.memory_mb,
+        }
+    }
+}
+
+/// A validated exec request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout_ms: u32,
+    pub max_output_bytes: u32,
+}
+
+/// The outcome of an exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+}
+
+/// Limits on what a client may ask for. One place, so that the API docs,
+/// validation and tests agree.
+pub mod limits {
+    pub const MIN_CPU_MILLIS: u32 = 10;
+    pub const MAX_CPU_MILLIS: u32 = 64_000;
+    pub const DEFAULT_CPU_MILLIS: u32 = 1_000;
+    pub const MIN_MEMORY_MB: u64 = 16;
+    pub const MAX_MEMORY_MB: u64 = 256 * 1024;
+    pub const DEFAULT_MEMORY_MB: u64 = 256;
+    pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+    pub const MAX_ARGS: usize = 256;
+    pub const MAX_ARG_BYTES: usize = 4096;
+    pub const MAX_ARGV_TOTAL_BYTES: usize = 64 * 1024;
+    pub const MAX_ENV_ENTRIES: usize = 128;
+    pub const MAX_ENV_KEY_BYTES: usize = 128;
+    pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+    pub const MAX_LABELS: usize = 32;
+    pub const MAX_LABEL_KEY_BYTES: usize = 63;
+    pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+    pub const MAX_PATH_BYTES: usize = 1024;
+    pub const MAX_EXEC_TIMEOUT_MS: u32 = 10 * 60 * 1000;
+    pub const DEFAULT_EXEC_TIMEOUT_MS: u32 = 60 * 1000;
+    pub const MAX_EXEC_OUTPUT_BYTES: u32 = 1024 * 1024;
+    pub const DEFAULT_EXEC_OUTPUT_BYTES: u32 = 64 * 1024;
+}
+
+fn invalid(message: impl Into<String>) -> CorralError {
+    CorralError::InvalidArgument(message.into())
+}
+
+/// `[a-z0-9]` then up to 62 of `[a-z0-9-]`: sandbox names.
+pub fn validate_name(name: &str) -> Result<(), CorralError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "name must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
+        ))
+    }
+}
+
+/// Local image names: `[a-z0-9]` then up to 63 of `[a-z0-9._-]`. No path
+/// separators, so an image name can never escape the agent's image store.
+pub fn validate_image(image: &str) -> Result<(), CorralError> {
+    let ok = !image.is_empty()
+        && image.len() <= 64
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && image.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "image must be 1-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+        ))
+    }
+}
+
+/// An argument vector: non-empty, bounded, no NUL bytes.
+pub fn validate_argv(what: &str, argv: &[String]) -> Result<(), CorralError> {
+    if argv.is_empty() {
+        return Err(invalid(format!("{what} must have at least one element")));
+    }
+    if argv.len() > limits::MAX_ARGS {
+        return Err(invalid(format!(
+            "{what} has {} elements; at most {} are allowed",
+            argv.len(),
+            limits::MAX_ARGS
+        )));
+    }
+    if argv[0].is_empty() {
+        return Err(invalid(format!("{what}[0] must not be empty")));
+    }
+    let mut total = 0;
+    for (i, arg) in argv.iter().enumerate() {
+        if arg.len() > limits::MAX_ARG_BYTES {
+            return Err(invalid(format!(
+                "{what}[{i}] is longer than {} bytes",
+                limits::MAX_ARG_BYTES
+            )));
+        }
+        if arg.contains('\0') {
+            return Err(invalid(format!("{what}[{i}] contains a NUL byte")));
+        }
+        total += arg.len();
+    }
+    if total > limits::MAX_ARGV_TOTAL_BYTES {
+        return Err(invalid(format!(
+            "{what} is longer than {} bytes in total",
+            limits::MAX_ARGV_TOTAL_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// Environment variables: POSIX-style keys, bounded values without NUL.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CorralError> {
+    if env.len() > limits::MAX_ENV_ENTRIES {
+        return Err(invalid(format!(
+            "env has {} entries; at most {} are allowed",
+            env.len(),
+            limits::MAX_ENV_ENTRIES
+        )));
+    }
+    for (key, value) in env {
+        let key_ok = !key.is_empty()
+            && key.len() <= limits::MAX_ENV_KEY_BYTES
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !key.as_bytes()[0].is_ascii_digit();
+        if !key_ok {
+            return Err(invalid(format!(
+                "env key {key:?} must be 1-{} characters of A-Z, a-z, 0-9 and '_', not starting with a digit",
+                limits::MAX_ENV_KEY_BYTES
+            )));
+        }
+        if value.len() > limits::MAX_ENV_VALUE_BYTES || value.contains('\0') {
+            return Err(invalid(format!(
+                "env value of {key} must be at most {} bytes without NUL",
+                limits::MAX_ENV_VALUE_BYTES
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Labels: lowercase keys (`[a-z0-9]` then `[a-z0-9._/-]`), short printable values.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), CorralError> {
+    if labels.len() > limits::MAX_LABELS {
+        return Err(invalid(format!(
+            "at most {} labels are allowed",
+            limits::MAX_LABELS
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= limits::MAX_LABEL_KEY_BYTES
+            && key.as_bytes()[0].is_ascii_alphanumeric()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
+        if !key_ok {
+            return Err(invalid(format!(
+                "label key {key:?} must be 1-{} characters of a-z, 0-9, '.', '_', '/' and '-'",
+                limits::MAX_LABEL_KEY_BYTES
+            )));
+        }
+        if value.len() > limits::MAX_LABEL_VALUE_BYTES || value.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "label {key} must have a value of at most {} printable bytes",
+                limits::MAX_LABEL_VALUE_BYTES
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute path with no `..` components.
+pub fn validate_workdir(path: &str) -> Result<(), CorralError> {
+    let ok = path.starts_with('/')
+        && path.len() <= limits::MAX_PATH_BYTES
+        && !path.contains('\0')
+        && !path.split('/').any(|part| part == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "workdir must be an absolute path without '..' of at most 1024 bytes",
+        ))
+    }
+}
+
+/// Checks that `value` is within `[min, max]`.
+pub fn validate_range<T: PartialOrd + std::fmt::Display>(
+    what: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, CorralError> {
+    if value < min || value > max {
+        Err(invalid(format!("{what} must be between {min} and {max}")))
+    } else {
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for state in SandboxState::ALL {
+            assert_eq!(SandboxState::parse(state.as_str()), Some(*state));
+        }
+        assert_eq!(SandboxState::parse("nonsense"), None);
+    }
+
+    #[test]
+    fn image_names_cannot_escape_the_image_store() {
+        assert!(validate_image("busybox").is_ok());
+        assert!(validate_image("alpine-3.20_x").is_ok());
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            ".hidden",
+            "UPPER",
+            "x\0y",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_image(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn workdir_must_be_absolute_without_parent_components() {
+        assert!(validate_workdir("/").is_ok());
+        assert!(validate_workdir("/srv/app").is_ok());
+        assert!(validate_workdir("relative").is_err());
+        assert!(validate_workdir("/srv/../etc").is_err());
+    }
+
+    #[test]
+    fn env_keys_and_values_are_checked() {
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), "/bin".to_string());
+        env.insert("_X1".to_string(), String::new());
+        assert!(validate_env(&env).is_ok());
+        for bad in ["1X", "A-B", "", "A B"] {
+            let env = BTreeMap::from([(bad.to_string(), "v".to_string())]);
+            assert!(validate_env(&env).is_err(), "{bad:?} must be rejected");
+        }
+        let env = BTreeMap::from([("K".to_string(), "a\0b".to_string())]);
+        assert!(validate_env(&env).is_err());
+    }
+
+    #[test]
+    fn argv_bounds() {
+        assert!(validate_argv("command", &["echo".into(), "hi".into()]).is_ok());
+        assert!(validate_argv("command", &[]).is_err());
+        assert!(validate_argv("command", &[String::new()]).is_err());
+        assert!(validate_argv("command", &vec!["x".to_string(); 257]).is_err());
+        assert!(validate_argv("command", &["a\0".to_string()]).is_err());
+    }
+
+    #[test]
+    fn labels_and_names() {
+        assert!(validate_name("web-1").is_ok());
+        assert!(validate_name("-web").is_err());
+        assert!(validate_name("Web").is_err());
+        let labels = BTreeMap::from([("team/app".to_string(), "Billing API".to_string())]);
+        assert!(validate_labels(&labels).is_ok());
+        let labels = BTreeMap::from([("Team".to_string(), "x".to_string())]);
+        assert!(validate_labels(&labels).is_err());
+    }
+}

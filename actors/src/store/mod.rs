@@ -1,0 +1,496 @@
+//! Persistence: the SeaORM connection (SQLite file in WAL mode by default,
+//! PostgreSQL when the URL says so), migrations at start-up, and the typed
+//! queries the actors and the API use. Nothing outside this module builds SQL.
+//!
+//! Secrets (API keys, host tokens) are generated here, returned once, and only
+//! their SHA-256 is stored: they are 256-bit random values, so a plain hash
+//! is enough to make the table useless to a thief and keeps look-ups O(1).
+
+pub mod entities;
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use corral_migrations::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{Alias, Expr, Func};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbBackend, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Set, SqlErr,
+};
+use sha2::{Digest, Sha256};
+
+use crate::domain::{new_id, BillingStatus, HostState, SandboxState};
+use crate::error::{CorralError, Result};
+pub use entities::{api_key, host, host_token, ledger_entry, org, sandbox};
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+/// A secret as shown once to its owner, with the row that stores its hash.
+#[derive(Debug, Clone)]
+pub struct Issued<T> {
+    pub record: T,
+    pub secret: String,
+}
+
+/// Filters for listing an org's sandboxes.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    pub state: Option<SandboxState>,
+    pub labels: BTreeMap<String, String>,
+    /// Return sandboxes with an id greater than this (ids are time-ordered).
+    pub after: Option<String>,
+    pub limit: u64,
+    pub include_destroyed: bool,
+}
+
+/// What a host reported at registration.
+#[derive(Debug, Clone)]
+pub struct HostRegistration {
+    pub hostname: String,
+    pub runtime: String,
+    pub isolated: bool,
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub images: Vec<String>,
+    pub agent_version: String,
+}
+
+/// A new random secret with a readable kind prefix, e.g. `ck_3f9a...`.
+fn generate_secret(prefix: &str) -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| CorralError::Internal(format!("getrandom: {e}")))?;
+    Ok(format!("{prefix}_{}", hex::encode(bytes)))
+}
+
+/// The hash under which a secret is stored.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn display_prefix(secret: &str) -> String {
+    secret.chars().take(10).collect()
+}
+
+fn is_unique_violation(err: &sea_orm::DbErr) -> bool {
+    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+impl Store {
+    /// Connects and brings the schema up to date. `url` is a SeaORM URL:
+    /// `sqlite://path/to/corral.db?mode=rwc` or `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut options = ConnectOptions::new(url.to_string());
+        options
+            .sqlx_logging(false)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .acquire_timeout(std::time::Duration::from_secs(5));
+        if url.starts_with("sqlite:") {
+            // One writer at a time is SQLite's nature; a small pool keeps
+            // readers concurrent (WAL) without piling up busy writers.
+            options.max_connections(8).min_connections(1);
+        } else {
+            options.max_connections(32);
+        }
+        let db = Database::connect(options).await?;
+        if db.get_database_backend() == DbBackend::Sqlite {
+            for pragma in [
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",
+                "PRAGMA busy_timeout=5000",
+            ] {
+                db.execute_unprepared(pragma).await?;
+            }
+        }
+        Migrator::up(&db, None).await?;
+        Ok(Self { db })
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    // ---- organisations -------------------------------------------------
+
+    pub async fn create_org(&self, name: &str) -> Result<org::Model> {
+        let model = org::ActiveModel {
+            id: Set(new_id("org")),
+            name: Set(name.to_string()),
+            billing_status: Set(BillingStatus::Active.as_str().to_string()),
+            created_at: Set(Utc::now()),
+        };
+        model.insert(&self.db).await.map_err(|err| {
+            if is_unique_violation(&err) {
+                CorralError::Conflict(format!("an organisation named {name:?} already exists"))
+            } else {
+                err.into()
+            }
+        })
+    }
+
+    pub async fn get_org(&self, id: &str) -> Result<Option<org::Model>> {
+        Ok(org::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    pub async fn find_org_by_name(&self, name: &str) -> Result<Option<org::Model>> {
+        Ok(org::Entity::find()
+            .filter(org::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn list_orgs(&self) -> Result<Vec<org::Model>> {
+        Ok(org::Entity::find()
+            .order_by_asc(org::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    // ---- API keys ------------------------------------------------------
+
+    pub async fn create_api_key(&self, org_id: &str, name: &str) -> Result<Issued<api_key::Model>> {
+        let secret = generate_secret("ck")?;
+        let record = api_key::ActiveModel {
+            id: Set(new_id("key")),
+            org_id: Set(org_id.to_string()),
+            name: Set(name.to_string()),
+            prefix: Set(display_prefix(&secret)),
+            secret_hash: Set(hash_secret(&secret)),
+            created_at: Set(Utc::now()),
+            last_used_at: Set(None),
+            revoked_at: Set(None),
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(Issued { record, secret })
+    }
+
+    pub async fn list_api_keys(&self, org_id: &str) -> Result<Vec<api_key::Model>> {
+        Ok(api_key::Entity::find()
+            .filter(api_key::Column::OrgId.eq(org_id))
+            .order_by_asc(api_key::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Revokes one of the org's keys. Another org's key is "not found".
+    pub async fn revoke_api_key(&self, org_id: &str, key_id: &str) -> Result<api_key::Model> {
+        let key = api_key::Entity::find_by_id(key_id)
+            .filter(api_key::Column::OrgId.eq(org_id))
+            .one(&self.db)
+            .await?
+            .ok_or(CorralError::NotFound("api key"))?;
+        if key.revoked_at.is_some() {
+            return Ok(key);
+        }
+        let mut active = key.into_active_model();
+        active.revoked_at = Set(Some(Utc::now()));
+        Ok(active.update(&self.db).await?)
+    }
+
+    /// The live (unrevoked) key with this secret, if any.
+    pub async fn authenticate_api_key(&self, secret: &str) -> Result<Option<api_key::Model>> {
+        Ok(api_key::Entity::find()
+            .filter(api_key::Column::SecretHash.eq(hash_secret(secret)))
+            .filter(api_key::Column::RevokedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    // ---- host tokens ---------------------------------------------------
+
+    /// Issues a token for `host_id` (a new host when `None`). The host id is
+    /// fixed by the token: an agent can only ever speak as that host.
+    pub async fn create_host_token(
+        &self,
+        name: &str,
+        host_id: Option<String>,
+    ) -> Result<Issued<host_token::Model>> {
+        let secret = generate_secret("ch")?;
+        let record = host_token::ActiveModel {
+            id: Set(new_id("htk")),
+            host_id: Set(host_id.unwrap_or_else(|| new_id("hst"))),
+            name: Set(name.to_string()),
+            prefix: Set(display_prefix(&secret)),
+            secret_hash: Set(hash_secret(&secret)),
+            created_at: Set(Utc::now()),
+            revoked_at: Set(None),
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(Issued { record, secret })
+    }
+
+    pub async fn list_host_tokens(&self) -> Result<Vec<host_token::Model>> {
+        Ok(host_token::Entity::find()
+            .order_by_asc(host_token::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn revoke_host_token(&self, id: &str) -> Result<host_token::Model> {
+        let token = host_token::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(CorralError::NotFound("host token"))?;
+        if token.revoked_at.is_some() {
+            return Ok(token);
+        }
+        let mut active = token.into_active_model();
+        active.revoked_at = Set(Some(Utc::now()));
+        Ok(active.update(&self.db).await?)
+    }
+
+    pub async fn authenticate_host_token(&self, secret: &str) -> Result<Option<host_token::Model>> {
+        Ok(host_token::Entity::find()
+            .filter(host_token::Column::SecretHash.eq(hash_secret(secret)))
+            .filter(host_token::Column::RevokedAt.is_null())
+            .one(&self.db)
+            .await?)
+    }
+
+    // ---- hosts ---------------------------------------------------------
+
+    /// Records a host's registration (first time or again) as `ready`.
+    pub async fn upsert_host(&self, id: &str, reg: &HostRegistration) -> Result<host::Model> {
+        let now = Utc::now();
+        let existing = host::Entity::find_by_id(id).one(&self.db).await?;
+        let images =
+            serde_json::to_value(&reg.images).map_err(|e| CorralError::Internal(e.to_string()))?;
+        let mut active = match &existing {
+            Some(model) => model.clone().into_active_model(),
+            None => host::ActiveModel {
+                id: Set(id.to_string()),
+                created_at: Set(now),
+                ..Default::default()
+            },
+        };
+        active.hostname = Set(reg.hostname.clone());
+        active.state = Set(HostState::Ready.as_str().to_string());
+        active.runtime = Set(reg.runtime.clone());
+        active.isolated = Set(reg.isolated);
+        active.cpu_millis = Set(i64::try_from(reg.cpu_millis).unwrap_or(i64::MAX));
+        active.memory_mb = Set(i64::try_from(reg.memory_mb).unwrap_or(i64::MAX));
+        active.images = Set(images);
+        active.agent_version = Set(reg.agent_version.clone());
+        active.last_seen_at = Set(Some(now));
+        active.updated_at = Set(now);
+        Ok(match existing {
+            Some(_) => active.update(&self.db).await?,
+            None => active.insert(&self.db).await?,
+        })
+    }
+
+    pub async fn set_host_state(&self, id: &str, state: HostState) -> Result<()> {
+        host::Entity::update_many()
+            .col_expr(host::Column::State, Expr::value(state.as_str()))
+            .col_expr(host::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(host::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<host::Model>> {
+        Ok(host::Entity::find()
+            .order_by_asc(host::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn get_host(&self, id: &str) -> Result<Option<host::Model>> {
+        Ok(host::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    // ---- sandboxes -----------------------------------------------------
+
+    pub async fn insert_sandbox(&self, model: sandbox::Model) -> Result<sandbox::Model> {
+        Ok(model
+            .into_active_model()
+            .reset_all()
+            .insert(&self.db)
+            .await?)
+    }
+
+    /// Writes the whole row. Only the sandbox's own actor calls this.
+    pub async fn save_sandbox(&self, model: sandbox::Model) -> Result<sandbox::Model> {
+        Ok(model
+            .into_active_model()
+            .reset_all()
+            .update(&self.db)
+            .await?)
+    }
+
+    /// One of the org's sandboxes; another org's is "not found".
+    pub async fn get_sandbox(&self, org_id: &str, id: &str) -> Result<Option<sandbox::Model>> {
+        Ok(sandbox::Entity::find_by_id(id)
+            .filter(sandbox::Column::OrgId.eq(org_id))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn get_sandbox_any_org(&self, id: &str) -> Result<Option<sandbox::Model>> {
+        Ok(sandbox::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// A page of the org's sandboxes in creation order. Label filters are
+    /// applied here rather than in SQL (JSON operators differ between SQLite
+    /// and PostgreSQL); the scan stops after a bounded number of rows.
+    pub async fn list_sandboxes(
+        &self,
+        org_id: &str,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<sandbox::Model>> {
+        const MAX_SCANNED: u64 = 10_000;
+        let limit = filter.limit.clamp(1, 1000);
+        let mut out = Vec::new();
+        let mut after = filter.after.clone();
+        let mut scanned = 0;
+        while (out.len() as u64) < limit && scanned < MAX_SCANNED {
+            let mut query = sandbox::Entity::find()
+                .filter(sandbox::Column::OrgId.eq(org_id))
+                .order_by_asc(sandbox::Column::Id)
+                .limit(limit.max(100));
+            if let Some(after) = &after {
+                query = query.filter(sandbox::Column::Id.gt(after.as_str()));
+            }
+            if let Some(state) = filter.state {
+                query = query.filter(sandbox::Column::State.eq(state.as_str()));
+            } else if !filter.include_destroyed {
+                query = query.filter(sandbox::Column::State.ne(SandboxState::Destroyed.as_str()));
+            }
+            let batch = query.all(&self.db).await?;
+            let exhausted = (batch.len() as u64) < limit.max(100);
+            scanned += batch.len() as u64;
+            for row in batch {
+                after = Some(row.id.clone());
+                if labels_match(&row.labels, &filter.labels) {
+                    out.push(row);
+                    if out.len() as u64 == limit {
+                        break;
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every sandbox that is not destroyed: the actors to rebuild at start-up.
+    pub async fn load_live_sandboxes(&self) -> Result<Vec<sandbox::Model>> {
+        Ok(sandbox::Entity::find()
+            .filter(sandbox::Column::State.ne(SandboxState::Destroyed.as_str()))
+            .order_by_asc(sandbox::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn count_sandboxes_by_state(&self, state: SandboxState) -> Result<u64> {
+        Ok(sandbox::Entity::find()
+            .filter(sandbox::Column::State.eq(state.as_str()))
+            .count(&self.db)
+            .await?)
+    }
+
+    // ---- ledger --------------------------------------------------------
+
+    /// Appends an entry unless one with the same idempotency key exists, in
+    /// which case the existing entry is returned and nothing changes.
+    pub async fn append_ledger_entry(
+        &self,
+        entry: NewLedgerEntry,
+    ) -> Result<(ledger_entry::Model, bool)> {
+        let key = entry.idempotency_key.clone();
+        let active = ledger_entry::ActiveModel {
+            org_id: Set(entry.org_id),
+            kind: Set(entry.kind),
+            amount_micros: Set(entry.amount_micros),
+            idempotency_key: Set(entry.idempotency_key),
+            sandbox_id: Set(entry.sandbox_id),
+            description: Set(entry.description),
+            created_at: Set(Utc::now()),
+            ..Default::default()
+        };
+        match active.insert(&self.db).await {
+            Ok(model) => Ok((model, true)),
+            Err(err) if is_unique_violation(&err) => {
+                let existing = ledger_entry::Entity::find()
+                    .filter(ledger_entry::Column::IdempotencyKey.eq(key))
+                    .one(&self.db)
+                    .await?
+                    .ok_or_else(|| CorralError::Internal("ledger entry vanished".into()))?;
+                Ok((existing, false))
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The balance as the sum of the org's entries.
+    pub async fn ledger_balance(&self, org_id: &str) -> Result<i64> {
+        let sum: Option<Option<i64>> = ledger_entry::Entity::find()
+            .select_only()
+            // PostgreSQL sums BIGINT into NUMERIC; cast back so both
+            // databases return a 64-bit integer.
+            .column_as(
+                Expr::expr(Func::cast_as(
+                    Func::sum(Expr::col(ledger_entry::Column::AmountMicros)),
+                    Alias::new("BIGINT"),
+                )),
+                "total",
+            )
+            .filter(ledger_entry::Column::OrgId.eq(org_id))
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(sum.flatten().unwrap_or(0))
+    }
+
+    pub async fn list_ledger_entries(
+        &self,
+        org_id: &str,
+        after: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<ledger_entry::Model>> {
+        let mut query = ledger_entry::Entity::find()
+            .filter(ledger_entry::Column::OrgId.eq(org_id))
+            .order_by_asc(ledger_entry::Column::Id)
+            .limit(limit.clamp(1, 1000));
+        if let Some(after) = after {
+            query = query.filter(ledger_entry::Column::Id.gt(after));
+        }
+        Ok(query.all(&self.db).await?)
+    }
+}
+
+/// An entry to append to an org's ledger.
+#[derive(Debug, Clone)]
+pub struct NewLedgerEntry {
+    pub org_id: String,
+    pub kind: String,
+    pub amount_micros: i64,
+    pub idempotency_key: String,
+    pub sandbox_id: Option<String>,
+    pub description: String,
+}
+
+fn labels_match(stored: &serde_json::Value, wanted: &BTreeMap<String, String>) -> bool {
+    wanted
+        .iter()
+        .all(|(k, v)| stored.get(k).and_then(|x| x.as_str()) == Some(v.as_str()))
+}

@@ -1,0 +1,773 @@
+//! The agent's side of the control-plane stream: dial out, register, then
+//! answer commands, send heartbeats and report what the runtime did on its
+//! own, until the stream ends; then back off and dial again, forever.
+//!
+//! Owns:
+//! - the reconnect loop with exponential backoff (200 ms doubling to 5 s,
+//!   full jitter, reset after a successful registration);
+//! - one session per stream: the outbound mpsc that is the stream's only
+//!   writer (replies, heartbeats and events all go through it), the heartbeat
+//!   and poll tasks (ended with the session), and the table of last-seen
+//!   sandbox phases the poll diffs against;
+//! - bounded command concurrency: a command runs only if it gets a permit of
+//!   the agent-wide semaphore at once, otherwise it is answered `BUSY` right
+//!   away — never queued without bound, never dropped silently.
+//!
+//! A session ending drops its pending replies, not its sandboxes: runtime
+//! calls already started run to completion (aborting a create half way would
+//! leave debris), and running sandboxes are never touched by a disconnect or
+//! an agent restart.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use corral_proto::pb;
+use corral_proto::pb::agent_message::Payload as AgentPayload;
+use corral_proto::pb::control_message::Payload as ControlPayload;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::runtime::{ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec, SandboxStatus};
+use crate::AgentConfig;
+
+/// Deadline for dialing, the stream's response headers and the RegisterAck.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay bound; doubles per failed attempt.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Largest reconnect delay bound.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Heartbeat interval when the ack leaves it at 0.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Slack in the outbound queue beyond one reply per command permit, for
+/// heartbeats, events and BUSY replies.
+const OUTBOUND_SLACK: usize = 256;
+
+/// Exponential backoff with full jitter: attempt n waits a uniformly random
+/// time in `[0, min(cap, base * 2^n)]`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The upper bound of the next delay.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32 << self.attempt.min(20);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// The next delay, and one step further.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Runs sessions until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    runtime: Arc<dyn Runtime>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    // Refuse a token that cannot be a header before dialing anything: that
+    // is a configuration error, not something a retry fixes.
+    let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {}", config.token)
+            .parse()
+            .map_err(|_| anyhow!("the host token contains characters not allowed in a header"))?;
+    if config.token.is_empty() {
+        bail!("the host token is empty");
+    }
+    let permits = Arc::new(Semaphore::new(config.max_concurrent_commands.max(1)));
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    tokio::pin!(shutdown);
+    loop {
+        let session = run_session(&config, &auth, &runtime, &permits, &mut backoff);
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down the agent connection");
+                return Ok(());
+            }
+            ended = session => match ended {
+                Ok(()) => tracing::warn!("the control plane closed the stream"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "connection to the control plane failed"),
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(?delay, "reconnecting after a pause");
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Aborts the session's background tasks when the session ends.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// One stream, from dialing to its end. Returns Ok when the control plane
+/// ended the stream cleanly.
+async fn run_session(
+    config: &AgentConfig,
+    auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    runtime: &Arc<dyn Runtime>,
+    permits: &Arc<Semaphore>,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(config.control_plane_url.clone())
+        .context("invalid control plane URL")?
+        .connect_timeout(REGISTER_TIMEOUT)
+        .tcp_nodelay(true)
+        // Notice a control plane that vanished without closing the socket.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("dialing {}", config.control_plane_url))?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+
+    let inventory = runtime
+        .list()
+        .await
+        .map_err(|e| anyhow!("listing the runtime's sandboxes for registration: {e}"))?;
+    let (tx, rx) =
+        mpsc::channel::<pb::AgentMessage>(config.max_concurrent_commands + OUTBOUND_SLACK);
+    let register = pb::Register {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        hostname: config.hostname.clone(),
+        runtime: runtime.kind().to_string(),
+        isolated: runtime.isolated(),
+        capacity: Some(pb::Capacity {
+            cpu_millis: config.cpu_millis,
+            memory_mb: config.memory_mb,
+        }),
+        images: runtime.images(),
+        inventory: inventory.iter().map(pb::SandboxStatus::from).collect(),
+        max_concurrent_commands: u32::try_from(config.max_concurrent_commands).unwrap_or(u32::MAX),
+    };
+    // Queued before the call: the control plane may wait for it before it
+    // answers the stream's headers.
+    tx.send(envelope(0, None, AgentPayload::Register(register)))
+        .await
+        .map_err(|_| anyhow!("outbound queue closed"))?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", auth.clone());
+
+    let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+    let response = tokio::time::timeout_at(deadline, client.connect(request))
+        .await
+        .context("no answer to the stream within the register deadline")?
+        .map_err(|status| match status.code() {
+            tonic::Code::Unauthenticated => anyhow!(
+                "the control plane refused the host token: {}",
+                status.message()
+            ),
+            _ => anyhow!("opening the stream: {status}"),
+        })?;
+    let mut inbound = response.into_inner();
+    let first = tokio::time::timeout_at(deadline, inbound.message())
+        .await
+        .context("no RegisterAck within the register deadline")?
+        .context("reading the RegisterAck")?
+        .context("the stream ended before the RegisterAck")?;
+    let ack = match first.payload {
+        Some(ControlPayload::RegisterAck(ack)) => ack,
+        other => bail!("expected a RegisterAck first, got {other:?}"),
+    };
+    tracing::info!(
+        host.id = %ack.host_id,
+        runtime = runtime.kind(),
+        sandboxes = inventory.len(),
+        "registered with the control plane"
+    );
+    backoff.reset();
+
+    let table = Arc::new(Mutex::new(PhaseTable::from_inventory(&inventory)));
+    let heartbeat_every = match ack.heartbeat_interval_ms {
+        0 => DEFAULT_HEARTBEAT,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let _tasks = TaskGuard(vec![
+        tokio::spawn(heartbeats(tx.clone(), table.clone(), heartbeat_every)),
+        tokio::spawn(poll_events(
+            tx.clone(),
+            table.clone(),
+            runtime.clone(),
+            config.poll_interval,
+        )),
+    ]);
+    let span = tracing::info_span!("agent.session", host.id = %ack.host_id);
+
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(()),
+            Err(status) => bail!("stream error: {status}"),
+        };
+        let request_id = message.request_id;
+        let trace = message.trace;
+        let command = match message.payload {
+            Some(ControlPayload::RegisterAck(_)) => {
+                tracing::warn!("ignoring a second RegisterAck");
+                continue;
+            }
+            Some(command) => command,
+            None => {
+                tracing::warn!(request_id, "ignoring a message without a command");
+                continue;
+            }
+        };
+        if request_id == 0 {
+            tracing::warn!("ignoring a command without a request id: no reply could be routed");
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(request_id, "too many commands in flight; answering BUSY");
+            let busy = pb::reply::Result::Error(pb::Error {
+                code: pb::ErrorCode::Busy as i32,
+                message: format!(
+                    "the agent runs at most {} commands at once",
+                    config.max_concurrent_commands
+                ),
+            });
+            if tx
+                .send(reply_envelope(request_id, trace, busy))
+                .await
+                .is_err()
+            {
+                bail!("outbound queue closed");
+            }
+            continue;
+        };
+        let sandbox_id = command_sandbox_id(&command);
+        if let Some(id) = &sandbox_id {
+            lock(&table).begin_command(id);
+        }
+        let command_span = tracing::info_span!(
+            parent: &span,
+            "agent.command",
+            request_id,
+            command = command_name(&command),
+            sandbox.id = sandbox_id.as_deref().unwrap_or(""),
+        );
+        let (tx, table, runtime) = (tx.clone(), table.clone(), runtime.clone());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let (result, status) = execute(runtime.as_ref(), command).await;
+                if let Some(id) = &sandbox_id {
+                    lock(&table).finish_command(id, status.as_ref());
+                }
+                if let pb::reply::Result::Error(e) = &result {
+                    tracing::info!(code = e.code, message = %e.message, "command failed");
+                }
+                // A closed queue means the stream ended: the reply is dropped
+                // with it and the control plane fails the request itself.
+                let _ = tx.send(reply_envelope(request_id, trace, result)).await;
+            }
+            .instrument(command_span),
+        );
+    }
+}
+
+fn lock(table: &Mutex<PhaseTable>) -> std::sync::MutexGuard<'_, PhaseTable> {
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn envelope(
+    request_id: u64,
+    trace: Option<pb::TraceContext>,
+    payload: AgentPayload,
+) -> pb::AgentMessage {
+    pb::AgentMessage {
+        request_id,
+        trace,
+        payload: Some(payload),
+    }
+}
+
+fn reply_envelope(
+    request_id: u64,
+    trace: Option<pb::TraceContext>,
+    result: pb::reply::Result,
+) -> pb::AgentMessage {
+    envelope(
+        request_id,
+        trace,
+        AgentPayload::Reply(pb::Reply {
+            result: Some(result),
+        }),
+    )
+}
+
+fn command_sandbox_id(command: &ControlPayload) -> Option<String> {
+    match command {
+        ControlPayload::Create(c) => Some(c.sandbox_id.clone()),
+        ControlPayload::Start(c) => Some(c.sandbox_id.clone()),
+        ControlPayload::Stop(c) => Some(c.sandbox_id.clone()),
+        ControlPayload::Destroy(c) => Some(c.sandbox_id.clone()),
+        // Execs do not change the lifecycle.
+        ControlPayload::Exec(_) | ControlPayload::Inventory(_) | ControlPayload::RegisterAck(_) => {
+            None
+        }
+    }
+}
+
+fn command_name(command: &ControlPayload) -> &'static str {
+    match command {
+        ControlPayload::Create(_) => "create",
+        ControlPayload::Start(_) => "start",
+        ControlPayload::Stop(_) => "stop",
+        ControlPayload::Destroy(_) => "destroy",
+        ControlPayload::Exec(_) => "exec",
+        ControlPayload::Inventory(_) => "inventory",
+        ControlPayload::RegisterAck(_) => "register_ack",
+    }
+}
+
+/// Runs one command on the runtime. Returns the reply and, for lifecycle
+/// commands that succeeded, the state they left behind.
+pub async fn execute(
+    runtime: &dyn Runtime,
+    command: ControlPayload,
+) -> (pb::reply::Result, Option<SandboxStatus>) {
+    let status_reply = |r: Result<SandboxStatus, RuntimeError>| match r {
+        Ok(status) => (
+            pb::reply::Result::Sandbox(pb::SandboxStatus::from(&status)),
+            Some(status),
+        ),
+        Err(e) => (pb::reply::Result::Error(pb::Error::from(&e)), None),
+    };
+    match command {
+        ControlPayload::Create(c) => status_reply(runtime.create(&SandboxSpec::from(c)).await),
+        ControlPayload::Start(s) => status_reply(runtime.start(&s.sandbox_id).await),
+        ControlPayload::Stop(s) => status_reply(
+            runtime
+                .stop(
+                    &s.sandbox_id,
+                    Duration::from_millis(u64::from(s.grace_period_ms)),
+                )
+                .await,
+        ),
+        ControlPayload::Destroy(d) => status_reply(runtime.destroy(&d.sandbox_id).await),
+        ControlPayload::Exec(e) => {
+            let (id, spec) = ExecSpec::from_pb(e);
+            match runtime.exec(&id, spec).await {
+                Ok(out) => (pb::reply::Result::Exec(out.into()), None),
+                Err(e) => (pb::reply::Result::Error(pb::Error::from(&e)), None),
+            }
+        }
+        ControlPayload::Inventory(_) => match runtime.list().await {
+            Ok(list) => (
+                pb::reply::Result::Inventory(pb::Inventory {
+                    sandboxes: list.iter().map(pb::SandboxStatus::from).collect(),
+                }),
+                None,
+            ),
+            Err(e) => (pb::reply::Result::Error(pb::Error::from(&e)), None),
+        },
+        ControlPayload::RegisterAck(_) => (
+            pb::reply::Result::Error(pb::Error {
+                code: pb::ErrorCode::InvalidArgument as i32,
+                message: "a RegisterAck is not a command".into(),
+            }),
+            None,
+        ),
+    }
+}
+
+async fn heartbeats(
+    tx: mpsc::Sender<pb::AgentMessage>,
+    table: Arc<Mutex<PhaseTable>>,
+    every: Duration,
+) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let running = lock(&table).running();
+        let beat = pb::Heartbeat {
+            sandboxes_running: running,
+            usage: None,
+        };
+        if tx
+            .send(envelope(0, None, AgentPayload::Heartbeat(beat)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn poll_events(
+    tx: mpsc::Sender<pb::AgentMessage>,
+    table: Arc<Mutex<PhaseTable>>,
+    runtime: Arc<dyn Runtime>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let since = lock(&table).seq();
+        let listed = match runtime.list().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "polling the runtime failed");
+                continue;
+            }
+        };
+        let events = lock(&table).observe(&listed, since);
+        for (status, reason) in events {
+            tracing::info!(sandbox.id = %status.id, phase = ?status.phase, exit_code = ?status.exit_code, reason, "sandbox changed on its own");
+            let event = pb::SandboxEvent {
+                status: Some(pb::SandboxStatus::from(&status)),
+                reason: reason.to_string(),
+            };
+            if tx
+                .send(envelope(0, None, AgentPayload::Event(event)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// The last phase the agent reported for a sandbox.
+#[derive(Debug, Clone)]
+struct Observed {
+    phase: Phase,
+    exit_code: Option<i32>,
+    image: String,
+    /// The table's sequence number when a command last set it.
+    changed_at: u64,
+}
+
+/// The last-seen phase of every sandbox, which the poll diffs against to
+/// find changes the runtime made on its own. Command results update it, and
+/// sandboxes with a command in flight are left to that command, so a stop
+/// does not also come back as an "exited" event.
+#[derive(Debug, Default)]
+pub struct PhaseTable {
+    seq: u64,
+    sandboxes: HashMap<String, Observed>,
+    in_flight: HashMap<String, usize>,
+}
+
+impl PhaseTable {
+    pub fn from_inventory(inventory: &[SandboxStatus]) -> Self {
+        let mut table = Self::default();
+        for s in inventory {
+            table.record(s, 0);
+        }
+        table
+    }
+
+    fn record(&mut self, s: &SandboxStatus, changed_at: u64) {
+        self.sandboxes.insert(
+            s.id.clone(),
+            Observed {
+                phase: s.phase,
+                exit_code: s.exit_code,
+                image: s.image.clone(),
+                changed_at,
+            },
+        );
+    }
+
+    /// The current sequence number; pass it to [`PhaseTable::observe`] for a
+    /// listing taken after this call.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn begin_command(&mut self, id: &str) {
+        self.seq += 1;
+        *self.in_flight.entry(id.to_string()).or_default() += 1;
+    }
+
+    /// Ends a command; `status` is what it left behind when it succeeded.
+    pub fn finish_command(&mut self, id: &str, status: Option<&SandboxStatus>) {
+        self.seq += 1;
+        if let Some(n) = self.in_flight.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(id);
+            }
+        }
+        match status {
+            Some(s) => self.record(s, self.seq),
+            // A failed command may still have changed something: make the
+            // next poll's view the new baseline rather than an event.
+            None => {
+                if let Some(o) = self.sandboxes.get_mut(id) {
+                    o.changed_at = self.seq;
+                }
+            }
+        }
+    }
+
+    /// Sandboxes running, as last seen.
+    pub fn running(&self) -> u32 {
+        let n = self
+            .sandboxes
+            .values()
+            .filter(|o| o.phase == Phase::Running)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Takes a listing made after `since = self.seq()` and returns the changes
+    /// nobody commanded: each with its reason ("exited", "vanished",
+    /// "changed"). Sandboxes a command touched since then are skipped.
+    pub fn observe(
+        &mut self,
+        listed: &[SandboxStatus],
+        since: u64,
+    ) -> Vec<(SandboxStatus, &'static str)> {
+        let mut events = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in listed {
+            seen.insert(s.id.clone());
+            if self.in_flight.contains_key(&s.id) {
+                continue;
+            }
+            match self.sandboxes.get(&s.id) {
+                Some(o) if o.changed_at > since => {}
+                Some(o) if o.phase == s.phase && o.exit_code == s.exit_code => {}
+                Some(o) => {
+                    let reason = match s.phase {
+                        Phase::Stopped => "exited",
+                        Phase::Absent => "vanished",
+                        _ => "changed",
+                    };
+                    // A change of exit code alone (it was learnt late) is
+                    // worth telling only while stopped.
+                    let only_code = o.phase == s.phase;
+                    if !only_code || s.phase == Phase::Stopped {
+                        events.push((s.clone(), reason));
+                    }
+                    self.record(s, since);
+                }
+                // New to us (made by a command we lost track of, or by
+                // hand): remember it quietly; the control plane reconciles
+                // inventories.
+                None => self.record(s, since),
+            }
+        }
+        let mut vanished = Vec::new();
+        let mut forget = Vec::new();
+        for (id, o) in &self.sandboxes {
+            if seen.contains(id) || self.in_flight.contains_key(id) || o.changed_at > since {
+                continue;
+            }
+            if o.phase == Phase::Absent {
+                // Confirmed gone by a listing newer than its destroy.
+                forget.push(id.clone());
+            } else {
+                vanished.push(SandboxStatus::absent(id, &o.image));
+            }
+        }
+        for id in forget {
+            self.sandboxes.remove(&id);
+        }
+        for s in vanished {
+            self.record(&s, since);
+            events.push((s, "vanished"));
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: &str, phase: Phase, exit_code: Option<i32>) -> SandboxStatus {
+        SandboxStatus {
+            id: id.into(),
+            phase,
+            exit_code,
+            image: "busybox".into(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_full_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            let ceiling = b.ceiling();
+            ceilings.push(ceiling.as_millis());
+            assert!(b.next_delay() <= ceiling);
+        }
+        assert_eq!(ceilings, vec![200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(200));
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(
+            b.ceiling(),
+            Duration::from_secs(5),
+            "no overflow after many attempts"
+        );
+    }
+
+    #[test]
+    fn an_exit_on_its_own_is_an_event_once() {
+        let mut t = PhaseTable::from_inventory(&[status("a", Phase::Running, None)]);
+        let since = t.seq();
+        assert!(t
+            .observe(&[status("a", Phase::Running, None)], since)
+            .is_empty());
+        let events = t.observe(&[status("a", Phase::Stopped, Some(7))], t.seq());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1, "exited");
+        assert_eq!(events[0].0.exit_code, Some(7));
+        assert!(t
+            .observe(&[status("a", Phase::Stopped, Some(7))], t.seq())
+            .is_empty());
+        assert_eq!(t.running(), 0);
+    }
+
+    #[test]
+    fn a_commanded_stop_is_not_an_event() {
+        let mut t = PhaseTable::from_inventory(&[status("a", Phase::Running, None)]);
+        // A poll starts, the stop runs and finishes while it lists.
+        let since = t.seq();
+        t.begin_command("a");
+        let in_flight = t.observe(&[status("a", Phase::Stopped, None)], since);
+        assert!(
+            in_flight.is_empty(),
+            "a sandbox with a command in flight is left alone"
+        );
+        t.finish_command("a", Some(&status("a", Phase::Stopped, None)));
+        // A listing that began before the command finished is stale for it.
+        assert!(t
+            .observe(&[status("a", Phase::Running, None)], since)
+            .is_empty());
+        assert!(t
+            .observe(&[status("a", Phase::Stopped, None)], t.seq())
+            .is_empty());
+    }
+
+    #[test]
+    fn a_vanished_sandbox_is_reported_but_a_destroyed_one_is_not() {
+        let mut t = PhaseTable::from_inventory(&[
+            status("a", Phase::Running, None),
+            status("b", Phase::Running, None),
+        ]);
+        t.begin_command("b");
+        t.finish_command("b", Some(&SandboxStatus::absent("b", "busybox")));
+        let events = t.observe(&[], t.seq());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].0.id, "a");
+        assert_eq!(events[0].0.phase, Phase::Absent);
+        assert_eq!(events[0].1, "vanished");
+        assert!(t.observe(&[], t.seq()).is_empty(), "reported once");
+        assert!(t.sandboxes.is_empty(), "tombstones are forgotten");
+    }
+
+    #[test]
+    fn a_listing_from_before_a_destroy_does_not_resurrect_it() {
+        let mut t = PhaseTable::from_inventory(&[status("a", Phase::Running, None)]);
+        let since = t.seq();
+        t.begin_command("a");
+        t.finish_command("a", Some(&SandboxStatus::absent("a", "busybox")));
+        assert!(t
+            .observe(&[status("a", Phase::Running, None)], since)
+            .is_empty());
+        assert!(
+            t.observe(&[], t.seq()).is_empty(),
+            "no vanished event after a destroy"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_are_executed_into_replies() {
+        let rt = crate::fake::FakeRuntime::new(crate::fake::FakeConfig::default());
+        let (reply, status) = execute(
+            &rt,
+            ControlPayload::Create(pb::CreateSandbox {
+                sandbox_id: "sbx_1".into(),
+                image: "busybox".into(),
+                command: vec!["sleep".into(), "600".into()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(
+            matches!(reply, pb::reply::Result::Sandbox(ref s) if s.phase == pb::SandboxPhase::Running as i32)
+        );
+        assert_eq!(status.map(|s| s.phase), Some(Phase::Running));
+        let (reply, _) = execute(
+            &rt,
+            ControlPayload::Create(pb::CreateSandbox {
+                sandbox_id: "sbx_2".into(),
+                image: "nope".into(),
+                command: vec!["true".into()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(
+            matches!(reply, pb::reply::Result::Error(ref e) if e.code == pb::ErrorCode::ImageNotFound as i32)
+        );
+        let (reply, _) = execute(
+            &rt,
+            ControlPayload::Exec(pb::ExecRequest {
+                sandbox_id: "sbx_1".into(),
+                argv: vec!["echo".into(), "hi".into()],
+                ..Default::default()
+            }),
+        )
+        .await;
+        assert!(matches!(reply, pb::reply::Result::Exec(ref e) if e.stdout == b"hi\n"));
+        let (reply, _) = execute(&rt, ControlPayload::Inventory(pb::InventoryRequest {})).await;
+        assert!(matches!(reply, pb::reply::Result::Inventory(ref i) if i.sandboxes.len() == 1));
+        let (reply, status) = execute(
+            &rt,
+            ControlPayload::Destroy(pb::DestroySandbox {
+                sandbox_id: "sbx_1".into(),
+            }),
+        )
+        .await;
+        assert!(
+            matches!(reply, pb::reply::Result::Sandbox(ref s) if s.phase == pb::SandboxPhase::Absent as i32)
+        );
+        assert_eq!(status.map(|s| s.phase), Some(Phase::Absent));
+    }
+}

@@ -1,0 +1,66 @@
+//! The Corral host agent: it dials out to the control plane, registers its
+//! host's capacity and inventory, and runs sandbox commands on a runtime.
+//!
+//! - [`runtime`]: the `Runtime` trait, its types, validation and protocol
+//!   conversions;
+//! - [`runc`], [`process`], [`fake`]: the runtimes;
+//! - [`images`]: the image store (root filesystems);
+//! - [`connection`]: the dial-out loop, command dispatch, heartbeats, events.
+//!
+//! The agent holds no state of its own beyond its credentials: the runtime
+//! is the source of truth, so an agent restart loses nothing and never stops
+//! a sandbox.
+
+pub mod connection;
+mod exec_io;
+pub mod fake;
+pub mod images;
+pub mod process;
+pub mod runc;
+pub mod runtime;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the agent reaches the control plane and what it offers.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The control plane's gRPC address, e.g. `http://127.0.0.1:7071`.
+    pub control_plane_url: String,
+    /// The host token; sent as `authorization: Bearer <token>`.
+    pub token: String,
+    pub hostname: String,
+    /// Capacity offered, in thousandths of a core.
+    pub cpu_millis: u32,
+    pub memory_mb: u64,
+    /// Commands run at once; beyond it, commands are answered BUSY.
+    pub max_concurrent_commands: usize,
+    /// How often the runtime is listed to notice changes on its own.
+    pub poll_interval: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            control_plane_url: "http://127.0.0.1:7071".into(),
+            token: String::new(),
+            hostname: "localhost".into(),
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            max_concurrent_commands: 64,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves; reconnects forever with backoff (base
+/// 200 ms, cap 5 s, full jitter; reset after a successful register). Returns
+/// an error only for a configuration that can never work (an empty token or
+/// one that cannot be a header).
+pub async fn run_agent(
+    config: AgentConfig,
+    runtime: Arc<dyn runtime::Runtime>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    connection::run(config, runtime, shutdown).await
+}

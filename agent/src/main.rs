@@ -1,0 +1,391 @@
+//! The `corral-agent` binary: `run` connects a host to the control plane on a
+//! chosen runtime; `image` manages the root filesystems the runc runtime
+//! uses. Owns flag parsing, runtime selection, host capacity detection,
+//! signal handling and log set-up; everything else is in the library.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use corral_agent::fake::{FakeConfig, FakeRuntime};
+use corral_agent::process::ProcessRuntime;
+use corral_agent::runc::RuncRuntime;
+use corral_agent::runtime::Runtime;
+use corral_agent::{images, AgentConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "corral-agent", version, about = "The Corral host agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Connect this host to the control plane and run sandboxes.
+    Run(RunArgs),
+    /// Manage the images (root filesystems) sandboxes are made from.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuntimeKind {
+    /// runc when running as root with runc on PATH, else process.
+    Auto,
+    Runc,
+    /// Plain processes, no isolation (development only).
+    Process,
+    /// In memory, runs nothing (tests and simulation).
+    Fake,
+}
+
+#[derive(Debug, Args)]
+struct DataDir {
+    /// Where images, bundles and runtime state live.
+    #[arg(
+        long,
+        env = "CORRAL_AGENT_DATA_DIR",
+        default_value = "/var/lib/corral-agent"
+    )]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The control plane's gRPC address.
+    #[arg(
+        long,
+        env = "CORRAL_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:7071"
+    )]
+    control_plane: String,
+    /// The host token.
+    #[arg(long, env = "CORRAL_HOST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the host token (wins over --token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    data_dir: DataDir,
+    #[arg(long, value_enum, default_value = "auto")]
+    runtime: RuntimeKind,
+    /// The runc binary (default: `runc` found on PATH).
+    #[arg(long)]
+    runc: Option<PathBuf>,
+    /// CPU capacity offered, in cores (default: the host's CPUs).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory capacity offered (default: the host's MemTotal).
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// The hostname reported (default: this host's name).
+    #[arg(long, env = "CORRAL_AGENT_HOSTNAME")]
+    hostname: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_commands: usize,
+    /// How often the runtime is polled for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    poll_interval_ms: u64,
+    /// Fake runtime: latency added to every command, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    fake_latency_ms: u64,
+    /// Fake runtime: probability (0..1) that a command fails.
+    #[arg(long, default_value_t = 0.0)]
+    fake_fail_rate: f64,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Import an uncompressed rootfs tarball as image NAME.
+    Import {
+        name: String,
+        tarball: PathBuf,
+        #[command(flatten)]
+        data_dir: DataDir,
+    },
+    /// Build the `busybox` image from a static busybox binary.
+    BuildBusybox {
+        #[command(flatten)]
+        data_dir: DataDir,
+        /// The busybox binary (default: /bin/busybox, then /usr/bin/busybox).
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+    },
+    /// List the images.
+    List {
+        #[command(flatten)]
+        data_dir: DataDir,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+        Command::Image(command) => image(command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corral-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn image(command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Import {
+            name,
+            tarball,
+            data_dir,
+        } => {
+            let root = images::import(&data_dir.data_dir, &name, &tarball)?;
+            println!("imported {name} into {}", root.display());
+        }
+        ImageCommand::BuildBusybox { data_dir, busybox } => {
+            let root = images::build_busybox(&data_dir.data_dir, busybox.as_deref())?;
+            println!("busybox image at {}", root.display());
+        }
+        ImageCommand::List { data_dir } => {
+            for name in images::list(&data_dir.data_dir) {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let token = match (&args.token_file, &args.token) {
+        (Some(file), _) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading the token file {}", file.display()))?
+            .trim()
+            .to_string(),
+        (None, Some(token)) => token.trim().to_string(),
+        (None, None) => {
+            bail!("a host token is required: --token, CORRAL_HOST_TOKEN or --token-file")
+        }
+    };
+    if !(0.0..=1.0).contains(&args.fake_fail_rate) {
+        bail!("--fake-fail-rate must be between 0 and 1");
+    }
+    let data_dir = args.data_dir.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+
+    let runtime: Arc<dyn Runtime> = match choose_runtime(args.runtime, args.runc.clone())? {
+        Chosen::Runc(runc) => {
+            tracing::info!(runc = %runc.display(), data_dir = %data_dir.display(), "using the runc runtime");
+            Arc::new(RuncRuntime::new(&data_dir, runc))
+        }
+        Chosen::Process => Arc::new(ProcessRuntime::new(&data_dir)),
+        Chosen::Fake => {
+            tracing::info!("using the fake runtime: sandboxes are simulated, nothing runs");
+            Arc::new(FakeRuntime::new(FakeConfig {
+                latency: Duration::from_millis(args.fake_latency_ms),
+                fail_rate: args.fake_fail_rate,
+                ..FakeConfig::default()
+            }))
+        }
+    };
+
+    let cpu_millis = match args.cpus {
+        Some(cpus) if cpus > 0.0 && cpus < 1e6 => (cpus * 1000.0).round() as u32,
+        Some(cpus) => bail!("--cpus must be positive, got {cpus}"),
+        None => detect_cpu_millis(),
+    };
+    let memory_mb = match args.memory_mb {
+        Some(mb) => mb,
+        None => {
+            detect_memory_mb().context("reading MemTotal from /proc/meminfo (pass --memory-mb)")?
+        }
+    };
+    let hostname = args.hostname.clone().unwrap_or_else(detect_hostname);
+    tracing::info!(
+        control_plane = %args.control_plane,
+        hostname = %hostname,
+        cpu_millis,
+        memory_mb,
+        runtime = runtime.kind(),
+        images = ?runtime.images(),
+        "starting the agent"
+    );
+    let config = AgentConfig {
+        control_plane_url: args.control_plane.clone(),
+        token,
+        hostname,
+        cpu_millis,
+        memory_mb,
+        max_concurrent_commands: args.max_concurrent_commands.max(1),
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+    };
+    corral_agent::run_agent(config, runtime, shutdown_signal()).await?;
+    tracing::info!("agent stopped; sandboxes keep running");
+    Ok(())
+}
+
+enum Chosen {
+    Runc(PathBuf),
+    Process,
+    Fake,
+}
+
+fn choose_runtime(kind: RuntimeKind, runc: Option<PathBuf>) -> anyhow::Result<Chosen> {
+    let runc = runc.or_else(|| find_on_path("runc"));
+    let root = nix::unistd::geteuid().is_root();
+    Ok(match kind {
+        RuntimeKind::Runc => {
+            let Some(runc) = runc else {
+                bail!("--runtime runc: no runc binary found on PATH (install runc or pass --runc)");
+            };
+            if !root {
+                bail!("--runtime runc needs root");
+            }
+            Chosen::Runc(runc)
+        }
+        RuntimeKind::Process => Chosen::Process,
+        RuntimeKind::Fake => Chosen::Fake,
+        RuntimeKind::Auto => match (root, runc) {
+            (true, Some(runc)) => {
+                tracing::info!("runtime auto: running as root and runc is installed, so runc");
+                Chosen::Runc(runc)
+            }
+            (false, _) => {
+                tracing::warn!(
+                    "runtime auto: not running as root, so the process runtime (no isolation)"
+                );
+                Chosen::Process
+            }
+            (true, None) => {
+                tracing::warn!(
+                    "runtime auto: runc is not on PATH, so the process runtime (no isolation)"
+                );
+                Chosen::Process
+            }
+        },
+    })
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|p| p.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn detect_cpu_millis() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cpus)
+        .unwrap_or(u32::MAX / 1000)
+        .saturating_mul(1000)
+}
+
+fn detect_memory_mb() -> anyhow::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    parse_mem_total_mb(&meminfo).context("no MemTotal line")
+}
+
+fn parse_mem_total_mb(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+fn detect_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            None
+        }
+    };
+    let term = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_megabytes() {
+        let meminfo = "MemTotal:       16303948 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_mem_total_mb(meminfo), Some(15921));
+        assert_eq!(parse_mem_total_mb("nothing"), None);
+    }
+
+    #[test]
+    fn the_cli_parses_run_and_image_commands() {
+        let cli = Cli::try_parse_from([
+            "corral-agent",
+            "run",
+            "--token",
+            "t",
+            "--runtime",
+            "fake",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .expect("run parses");
+        assert!(matches!(cli.command, Command::Run(ref a) if a.runtime == RuntimeKind::Fake));
+        let cli = Cli::try_parse_from([
+            "corral-agent",
+            "image",
+            "import",
+            "alpine",
+            "rootfs.tar",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .expect("import parses");
+        assert!(
+            matches!(cli.command, Command::Image(ImageCommand::Import { ref name, .. }) if name == "alpine")
+        );
+        assert!(Cli::try_parse_from(["corral-agent", "image", "build-busybox"]).is_ok());
+    }
+}

@@ -1,0 +1,670 @@
+//! The `Runtime` trait every sandbox runtime implements, the plain Rust types
+//! it speaks (spec, phase, status, exec input and output, error), the
+//! validation of everything that reaches a file system path or an argument
+//! vector (sandbox ids, image names, env, argv), and the one place where those
+//! types are converted to and from the protocol's `pb` types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use corral_proto::pb;
+
+/// Longest sandbox id accepted.
+pub const MAX_SANDBOX_ID_LEN: usize = 80;
+/// Longest image name accepted (first character included).
+pub const MAX_IMAGE_NAME_LEN: usize = 64;
+/// Hard cap on each of stdout and stderr of an exec, whatever the request
+/// says: a reply must stay well under gRPC's default 4 MiB message limit, or
+/// it would break the whole stream.
+pub const MAX_EXEC_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Output cap when the request leaves it at 0.
+pub const DEFAULT_EXEC_OUTPUT_BYTES: usize = 64 * 1024;
+/// Exec timeout when the request leaves it at 0.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// The PATH a sandbox's processes get when their env does not set one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to create: the runtime-independent description of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub image: String,
+    /// The main process as an argument vector (never a shell string).
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the main process; `None` means the runtime's
+    /// default ("/" in a container).
+    pub workdir: Option<String>,
+    /// Thousandths of a core; 0 means no CPU limit.
+    pub cpu_millis: u32,
+    /// 0 means no memory limit.
+    pub memory_mb: u64,
+    pub labels: BTreeMap<String, String>,
+    /// `None` means the sandbox id (cut to 63 characters).
+    pub hostname: Option<String>,
+}
+
+impl SandboxSpec {
+    /// The hostname the sandbox gets.
+    pub fn effective_hostname(&self) -> String {
+        match &self.hostname {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => self.id.chars().take(63).collect(),
+        }
+    }
+
+    /// The env of the main process as `K=V` strings, with a default PATH.
+    pub fn env_list(&self) -> Vec<String> {
+        env_with_path(&self.env)
+    }
+}
+
+/// `K=V` strings for `env`, sorted by key, plus `PATH` when it is absent.
+pub fn env_with_path(env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !env.contains_key("PATH") {
+        out.insert(0, format!("PATH={DEFAULT_PATH}"));
+    }
+    out
+}
+
+/// Where a sandbox is in its life, as the runtime sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Phase {
+    /// Known to the runtime but not started (or being set up).
+    Created,
+    Running,
+    Stopped,
+    /// The runtime does not have it.
+    Absent,
+}
+
+/// What the runtime knows about one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxStatus {
+    pub id: String,
+    pub phase: Phase,
+    /// Set once the main process has exited, when the runtime knows it.
+    pub exit_code: Option<i32>,
+    pub image: String,
+}
+
+impl SandboxStatus {
+    /// The status of a sandbox the runtime does not hold.
+    pub fn absent(id: &str, image: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            phase: Phase::Absent,
+            exit_code: None,
+            image: image.to_string(),
+        }
+    }
+}
+
+/// A command to run inside a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout: Duration,
+    /// Cap for each of stdout and stderr.
+    pub max_output_bytes: usize,
+}
+
+impl Default for ExecSpec {
+    fn default() -> Self {
+        Self {
+            argv: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            timeout: DEFAULT_EXEC_TIMEOUT,
+            max_output_bytes: DEFAULT_EXEC_OUTPUT_BYTES,
+        }
+    }
+}
+
+/// The outcome of an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecOutput {
+    /// The process's exit code; 128 + signal when a signal ended it; -1 when
+    /// it timed out.
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub duration: Duration,
+    pub timed_out: bool,
+}
+
+/// A runtime failure; maps 1:1 onto `pb::ErrorCode` (see [`RuntimeError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("sandbox {0} not found")]
+    SandboxNotFound(String),
+    #[error("image {0} not found")]
+    ImageNotFound(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+    #[error("runtime error: {0}")]
+    Runtime(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl RuntimeError {
+    /// Shorthand for a `Runtime` error with context.
+    pub fn runtime(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {
+        Self::Runtime(format!("{context}: {err}"))
+    }
+
+    /// The protocol error code of this error.
+    pub fn code(&self) -> pb::ErrorCode {
+        match self {
+            Self::SandboxNotFound(_) => pb::ErrorCode::SandboxNotFound,
+            Self::ImageNotFound(_) => pb::ErrorCode::ImageNotFound,
+            Self::InvalidArgument(_) => pb::ErrorCode::InvalidArgument,
+            Self::InvalidState(_) => pb::ErrorCode::InvalidState,
+            Self::Runtime(_) => pb::ErrorCode::Runtime,
+            Self::Unsupported(_) => pb::ErrorCode::Unsupported,
+        }
+    }
+}
+
+/// How sandboxes are made. Every method is idempotent on its target state,
+/// and the runtime (not the agent's memory) is the source of truth, so a
+/// fresh instance over the same host state sees the same sandboxes.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// "runc", "process" or "fake".
+    fn kind(&self) -> &'static str;
+    /// False when sandboxes are not isolated from the host.
+    fn isolated(&self) -> bool;
+    /// The images sandboxes can be created from.
+    fn images(&self) -> Vec<String>;
+    /// Creates the sandbox and starts its main process. An existing id
+    /// returns its current status unchanged.
+    async fn create(&self, spec: &SandboxSpec) -> Result<SandboxStatus, RuntimeError>;
+    /// Starts a stopped sandbox; a running one is returned as is.
+    async fn start(&self, id: &str) -> Result<SandboxStatus, RuntimeError>;
+    /// SIGTERM, then SIGKILL after `grace`; a stopped one is returned as is.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<SandboxStatus, RuntimeError>;
+    /// Removes the sandbox and everything it owns; an absent one is success.
+    /// Returns phase `Absent`.
+    async fn destroy(&self, id: &str) -> Result<SandboxStatus, RuntimeError>;
+    /// Runs a command in a running sandbox.
+    async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecOutput, RuntimeError>;
+    /// Every sandbox the runtime holds.
+    async fn list(&self) -> Result<Vec<SandboxStatus>, RuntimeError>;
+}
+
+// ---------------------------------------------------------------------------
+// Validation. Everything here runs before any file system path is built.
+
+/// Sandbox ids: 1 to 80 of lowercase letters, digits, '_' and '-', starting
+/// with a letter or digit (so it can never be read as a flag by runc, and
+/// never be "." or ".." or contain a path separator).
+pub fn validate_sandbox_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_SANDBOX_ID_LEN
+        && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidArgument(format!(
+            "invalid sandbox id {:?}: 1-{MAX_SANDBOX_ID_LEN} of [a-z0-9_-], starting with [a-z0-9]",
+            truncate_for_message(id)
+        )))
+    }
+}
+
+/// Image names: `[a-z0-9][a-z0-9._-]{0,63}`.
+pub fn validate_image_name(name: &str) -> Result<(), RuntimeError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IMAGE_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_' || c == '-'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::InvalidArgument(format!(
+            "invalid image name {:?}: [a-z0-9][a-z0-9._-]{{0,63}}",
+            truncate_for_message(name)
+        )))
+    }
+}
+
+fn validate_env(env: &BTreeMap<String, String>) -> Result<(), RuntimeError> {
+    for (k, v) in env {
+        let key_ok = !k.is_empty()
+            && k.len() <= 256
+            && !k.contains(['=', '\0'])
+            && !k.starts_with(|c: char| c.is_ascii_digit());
+        if !key_ok {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "invalid env key {:?}",
+                truncate_for_message(k)
+            )));
+        }
+        if v.contains('\0') || v.len() > 64 * 1024 {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "invalid value for env {k}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn validate_argv(what: &str, argv: &[String]) -> Result<(), RuntimeError> {
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "{what} must not be empty"
+        )));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "{what} must not contain NUL bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_workdir(workdir: &Option<String>) -> Result<(), RuntimeError> {
+    match workdir {
+        Some(w) if !w.starts_with('/') || w.contains('\0') => {
+            Err(RuntimeError::InvalidArgument(format!(
+                "workdir must be an absolute path, got {:?}",
+                truncate_for_message(w)
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks everything in a create request that a runtime passes on.
+pub fn validate_spec(spec: &SandboxSpec) -> Result<(), RuntimeError> {
+    validate_sandbox_id(&spec.id)?;
+    validate_image_name(&spec.image)?;
+    validate_argv("command", &spec.command)?;
+    validate_env(&spec.env)?;
+    validate_workdir(&spec.workdir)?;
+    if let Some(h) = &spec.hostname {
+        let ok = h.len() <= 63
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+        if !ok {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "invalid hostname {:?}",
+                truncate_for_message(h)
+            )));
+        }
+    }
+    for (k, v) in &spec.labels {
+        let ok = !k.is_empty()
+            && k.len() <= 128
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+            && v.len() <= 1024
+            && !v.contains('\0');
+        if !ok {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "invalid label {:?}",
+                truncate_for_message(k)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an exec request.
+pub fn validate_exec(spec: &ExecSpec) -> Result<(), RuntimeError> {
+    validate_argv("argv", &spec.argv)?;
+    validate_env(&spec.env)?;
+    validate_workdir(&spec.workdir)
+}
+
+fn truncate_for_message(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Per-sandbox serialisation inside a runtime: two commands for the same
+// sandbox (a create retried while the first is still running) must not
+// interleave their file system and runc steps.
+
+/// A map of async locks keyed by sandbox id; entries go away when unused.
+#[derive(Debug, Default)]
+pub(crate) struct SandboxLocks {
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// Held while one command works on one sandbox.
+pub(crate) struct SandboxLockGuard {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    id: String,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl SandboxLocks {
+    pub(crate) async fn lock(&self, id: &str) -> SandboxLockGuard {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_string()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        SandboxLockGuard {
+            guard: Some(guard),
+            id: id.to_string(),
+            locks: self.locks.clone(),
+        }
+    }
+}
+
+impl Drop for SandboxLockGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map holds it: nobody waits on it, so it can go.
+        if map.get(&self.id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&self.id);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Conversions to and from the protocol. Nothing else in the crate builds or
+// reads `pb` sandbox and exec types.
+
+impl From<Phase> for pb::SandboxPhase {
+    fn from(phase: Phase) -> Self {
+        match phase {
+            Phase::Created => pb::SandboxPhase::Created,
+            Phase::Running => pb::SandboxPhase::Running,
+            Phase::Stopped => pb::SandboxPhase::Stopped,
+            Phase::Absent => pb::SandboxPhase::Absent,
+        }
+    }
+}
+
+impl From<&SandboxStatus> for pb::SandboxStatus {
+    fn from(s: &SandboxStatus) -> Self {
+        pb::SandboxStatus {
+            sandbox_id: s.id.clone(),
+            phase: pb::SandboxPhase::from(s.phase) as i32,
+            exit_code: s.exit_code,
+            image: s.image.clone(),
+        }
+    }
+}
+
+impl From<SandboxStatus> for pb::SandboxStatus {
+    fn from(s: SandboxStatus) -> Self {
+        pb::SandboxStatus::from(&s)
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+impl From<pb::CreateSandbox> for SandboxSpec {
+    fn from(c: pb::CreateSandbox) -> Self {
+        SandboxSpec {
+            id: c.sandbox_id,
+            image: c.image,
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            workdir: non_empty(c.workdir),
+            cpu_millis: c.cpu_millis,
+            memory_mb: c.memory_mb,
+            labels: c.labels.into_iter().collect(),
+            hostname: non_empty(c.hostname),
+        }
+    }
+}
+
+impl ExecSpec {
+    /// The runtime's view of an exec request: 0 means the default for the
+    /// timeout and the output cap, and the cap is bounded by
+    /// [`MAX_EXEC_OUTPUT_BYTES`].
+    pub fn from_pb(e: pb::ExecRequest) -> (String, Self) {
+        let timeout = if e.timeout_ms == 0 {
+            DEFAULT_EXEC_TIMEOUT
+        } else {
+            Duration::from_millis(u64::from(e.timeout_ms))
+        };
+        let max_output_bytes = if e.max_output_bytes == 0 {
+            DEFAULT_EXEC_OUTPUT_BYTES
+        } else {
+            usize::try_from(e.max_output_bytes)
+                .unwrap_or(MAX_EXEC_OUTPUT_BYTES)
+                .min(MAX_EXEC_OUTPUT_BYTES)
+        };
+        (
+            e.sandbox_id,
+            ExecSpec {
+                argv: e.argv,
+                env: e.env.into_iter().collect(),
+                workdir: non_empty(e.workdir),
+                timeout,
+                max_output_bytes,
+            },
+        )
+    }
+}
+
+impl From<ExecOutput> for pb::ExecResult {
+    fn from(o: ExecOutput) -> Self {
+        pb::ExecResult {
+            exit_code: o.exit_code,
+            stdout: o.stdout,
+            stderr: o.stderr,
+            stdout_truncated: o.stdout_truncated,
+            stderr_truncated: o.stderr_truncated,
+            duration_ms: u64::try_from(o.duration.as_millis()).unwrap_or(u64::MAX),
+            timed_out: o.timed_out,
+        }
+    }
+}
+
+impl From<&RuntimeError> for pb::Error {
+    fn from(e: &RuntimeError) -> Self {
+        pb::Error {
+            code: e.code() as i32,
+            message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_that_could_escape_or_inject_are_refused() {
+        for ok in ["sbx_0193abcdef", "a", "abc-def_1", &"a".repeat(80)] {
+            assert!(validate_sandbox_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../etc",
+            "a/b",
+            "-rf",
+            "_x",
+            "Sbx_1",
+            "sbx 1",
+            "sbx\0",
+            "sbx.1",
+            &"a".repeat(81),
+            "sbx_é",
+        ] {
+            assert!(
+                matches!(
+                    validate_sandbox_id(bad),
+                    Err(RuntimeError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn image_names_are_single_safe_path_components() {
+        for ok in ["busybox", "alpine-3.20", "a", "0img_x", &"a".repeat(64)] {
+            assert!(validate_image_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "Busybox",
+            "a b",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_image_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            id: "sbx_1".into(),
+            image: "busybox".into(),
+            command: vec!["sleep".into(), "1".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn specs_with_bad_env_argv_or_workdir_are_refused() {
+        assert!(validate_spec(&spec()).is_ok());
+        let mut s = spec();
+        s.command.clear();
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.env.insert("A=B".into(), "x".into());
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.env.insert("A".into(), "x\0y".into());
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.workdir = Some("relative".into());
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.hostname = Some("a/b".into());
+        assert!(validate_spec(&s).is_err());
+        let mut s = spec();
+        s.image = "../../etc".into();
+        assert!(validate_spec(&s).is_err());
+    }
+
+    #[test]
+    fn a_default_path_is_added_only_when_absent() {
+        let mut env = BTreeMap::new();
+        env.insert("A".to_string(), "1".to_string());
+        assert_eq!(
+            env_with_path(&env),
+            vec![format!("PATH={DEFAULT_PATH}"), "A=1".into()]
+        );
+        env.insert("PATH".to_string(), "/x".to_string());
+        assert_eq!(
+            env_with_path(&env),
+            vec!["A=1".to_string(), "PATH=/x".into()]
+        );
+    }
+
+    #[test]
+    fn exec_requests_get_defaults_and_a_bounded_output_cap() {
+        let (id, e) = ExecSpec::from_pb(pb::ExecRequest {
+            sandbox_id: "sbx_1".into(),
+            argv: vec!["true".into()],
+            ..Default::default()
+        });
+        assert_eq!(id, "sbx_1");
+        assert_eq!(e.timeout, DEFAULT_EXEC_TIMEOUT);
+        assert_eq!(e.max_output_bytes, DEFAULT_EXEC_OUTPUT_BYTES);
+        let (_, e) = ExecSpec::from_pb(pb::ExecRequest {
+            max_output_bytes: u32::MAX,
+            timeout_ms: 1500,
+            ..Default::default()
+        });
+        assert_eq!(e.max_output_bytes, MAX_EXEC_OUTPUT_BYTES);
+        assert_eq!(e.timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn errors_map_onto_protocol_codes() {
+        let cases = [
+            (
+                RuntimeError::SandboxNotFound("x".into()),
+                pb::ErrorCode::SandboxNotFound,
+            ),
+            (
+                RuntimeError::ImageNotFound("x".into()),
+                pb::ErrorCode::ImageNotFound,
+            ),
+            (
+                RuntimeError::InvalidArgument("x".into()),
+                pb::ErrorCode::InvalidArgument,
+            ),
+            (
+                RuntimeError::InvalidState("x".into()),
+                pb::ErrorCode::InvalidState,
+            ),
+            (RuntimeError::Runtime("x".into()), pb::ErrorCode::Runtime),
+            (
+                RuntimeError::Unsupported("x".into()),
+                pb::ErrorCode::Unsupported,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(pb::Error::from(&err).code, code as i32);
+        }
+    }
+
+    #[test]
+    fn statuses_convert_to_protocol_statuses() {
+        let s = SandboxStatus {
+            id: "sbx_1".into(),
+            phase: Phase::Stopped,
+            exit_code: Some(3),
+            image: "busybox".into(),
+        };
+        let p = pb::SandboxStatus::from(&s);
+        assert_eq!(p.phase, pb::SandboxPhase::Stopped as i32);
+        assert_eq!(p.exit_code, Some(3));
+        assert_eq!(p.sandbox_id, "sbx_1");
+    }
+
+    #[tokio::test]
+    async fn sandbox_locks_serialise_and_clean_up() {
+        let locks = SandboxLocks::default();
+        let g = locks.lock("a").await;
+        let pending = tokio::time::timeout(Duration::from_millis(20), locks.lock("a")).await;
+        assert!(pending.is_err(), "a second lock on the same id waits");
+        let _other = locks.lock("b").await;
+        drop(g);
+        drop(locks.lock("a").await);
+        let map = locks.locks.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(!map.contains_key("a"));
+    }
+}

@@ -1,0 +1,20 @@
+//! The Corral control plane's edges: the REST API (axum), the agent gRPC
+//! service (tonic), authentication, server start-up and the `corral` CLI.
+
+pub mod auth;
+pub mod client;
+pub mod dev;
+pub mod error;
+pub mod grpc;
+pub mod rest;
+pub mod server;
+
+use corral_actors::ControlPlane;
+
+/// What every REST handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub control_plane: ControlPlane,
+    /// SHA-256 of the platform admin token, if one is configured.
+    pub admin_token_hash: Option<String>,
+}

@@ -1,0 +1,891 @@
+//! The REST API: routes, request and response shapes, and the OpenAPI
+//! document generated from them. Handlers are thin: extract, validate into
+//! domain types, call the [`ControlPlane`](corral_actors::ControlPlane) once,
+//! map the result. Every org route is scoped to the caller's organisation;
+//! another org's sandbox is a 404, never a 403, so ids do not leak.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, RawQuery, Request, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use corral_actors::domain::{self, limits, DesiredState, ExecSpec, SandboxSpec, SandboxState};
+use corral_actors::store::{self, SandboxFilter};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::auth::{AdminCaller, OrgCaller};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::AppState;
+
+/// `Json<T>` whose rejections use our error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::new(
+                rejection.status(),
+                "invalid_body",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+// ---- shapes ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrgRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrgView {
+    pub id: String,
+    pub name: String,
+    pub billing_status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::org::Model> for OrgView {
+    fn from(m: store::org::Model) -> Self {
+        Self {
+            id: m.id,
+            name: m.name,
+            billing_status: m.billing_status,
+            created_at: m.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedOrg {
+    pub org: OrgView,
+    pub api_key: CreatedApiKey,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrgList {
+    pub orgs: Vec<OrgView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    pub name: String,
+}
+
+/// An API key as listed: the secret is never shown again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<store::api_key::Model> for ApiKeyView {
+    fn from(m: store::api_key::Model) -> Self {
+        Self {
+            id: m.id,
+            name: m.name,
+            prefix: m.prefix,
+            created_at: m.created_at,
+            last_used_at: m.last_used_at,
+            revoked_at: m.revoked_at,
+        }
+    }
+}
+
+/// A new API key; `secret` is shown this once and stored only as a hash.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub secret: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::Issued<store::api_key::Model>> for CreatedApiKey {
+    fn from(issued: store::Issued<store::api_key::Model>) -> Self {
+        Self {
+            id: issued.record.id,
+            name: issued.record.name,
+            prefix: issued.record.prefix,
+            secret: issued.secret,
+            created_at: issued.record.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    pub api_keys: Vec<ApiKeyView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHostTokenRequest {
+    pub name: String,
+    /// Issue the token for an existing host (e.g. to rotate its token).
+    pub host_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostTokenView {
+    pub id: String,
+    pub host_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<store::host_token::Model> for HostTokenView {
+    fn from(m: store::host_token::Model) -> Self {
+        Self {
+            id: m.id,
+            host_id: m.host_id,
+            name: m.name,
+            prefix: m.prefix,
+            created_at: m.created_at,
+            revoked_at: m.revoked_at,
+        }
+    }
+}
+
+/// A new host token; `token` is shown this once and stored only as a hash.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedHostToken {
+    pub id: String,
+    pub host_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub token: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostTokenList {
+    pub host_tokens: Vec<HostTokenView>,
+}
+
+#[derive(Debug, Serialize, ToSchema, Default)]
+pub struct ResourcesView {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostView {
+    pub id: String,
+    pub hostname: String,
+    pub state: String,
+    pub runtime: String,
+    pub isolated: bool,
+    pub capacity: ResourcesView,
+    pub allocated: ResourcesView,
+    pub images: Vec<String>,
+    pub agent_version: String,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<HostView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Name of an image the host holds, e.g. `busybox`.
+    pub image: String,
+    /// The main process, as an argument vector (no shell is involved).
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub name: Option<String>,
+    pub workdir: Option<String>,
+    /// Thousandths of a CPU core (default 1000).
+    pub cpu_millis: Option<u32>,
+    /// Memory limit in MiB (default 256).
+    pub memory_mb: Option<u64>,
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A sandbox as its owner sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxView {
+    pub id: String,
+    pub name: Option<String>,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub cpu_millis: i64,
+    pub memory_mb: i64,
+    pub ttl_seconds: Option<i64>,
+    /// Observed state: pending, scheduled, creating, running, starting,
+    /// stopping, stopped, destroying, destroyed, failed or lost.
+    pub state: String,
+    /// What the owner asked for: running, stopped or destroyed.
+    pub desired_state: String,
+    pub failure_reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl From<store::sandbox::Model> for SandboxView {
+    fn from(m: store::sandbox::Model) -> Self {
+        Self {
+            id: m.id,
+            name: m.name,
+            image: m.image,
+            command: serde_json::from_value(m.command).unwrap_or_default(),
+            env: serde_json::from_value(m.env).unwrap_or_default(),
+            labels: serde_json::from_value(m.labels).unwrap_or_default(),
+            workdir: m.workdir,
+            cpu_millis: m.cpu_millis,
+            memory_mb: m.memory_mb,
+            ttl_seconds: m.ttl_seconds,
+            state: m.state,
+            desired_state: m.desired_state,
+            failure_reason: m.failure_reason,
+            exit_code: m.exit_code,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            started_at: m.started_at,
+            expires_at: m.expires_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxView>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    /// Default 60000, at most 600000.
+    pub timeout_ms: Option<u32>,
+    /// Cap on each of stdout and stderr; default 65536, at most 1048576.
+    pub max_output_bytes: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// True when stdout was cut at `max_output_bytes`.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    pub amount_micros: i64,
+    /// Idempotency reference: the same reference never credits twice.
+    pub reference: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingView {
+    pub org_id: String,
+    pub balance_micros: i64,
+    pub status: String,
+}
+
+impl From<corral_actors::actors::ledger::LedgerSummary> for BillingView {
+    fn from(s: corral_actors::actors::ledger::LedgerSummary) -> Self {
+        Self {
+            org_id: s.org_id,
+            balance_micros: s.balance_micros,
+            status: s.status.as_str().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WaitQuery {
+    #[serde(default = "default_wait")]
+    pub wait: bool,
+}
+
+fn default_wait() -> bool {
+    true
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+// ---- validation -----------------------------------------------------------
+
+fn validate_create(req: CreateSandboxRequest) -> Result<SandboxSpec, ApiError> {
+    if let Some(name) = &req.name {
+        domain::validate_name(name)?;
+    }
+    domain::validate_image(&req.image)?;
+    domain::validate_argv("command", &req.command)?;
+    domain::validate_env(&req.env)?;
+    domain::validate_labels(&req.labels)?;
+    if let Some(workdir) = &req.workdir {
+        domain::validate_workdir(workdir)?;
+    }
+    let cpu_millis = domain::validate_range(
+        "cpu_millis",
+        req.cpu_millis.unwrap_or(limits::DEFAULT_CPU_MILLIS),
+        limits::MIN_CPU_MILLIS,
+        limits::MAX_CPU_MILLIS,
+    )?;
+    let memory_mb = domain::validate_range(
+        "memory_mb",
+        req.memory_mb.unwrap_or(limits::DEFAULT_MEMORY_MB),
+        limits::MIN_MEMORY_MB,
+        limits::MAX_MEMORY_MB,
+    )?;
+    let ttl_seconds = req
+        .ttl_seconds
+        .map(|ttl| domain::validate_range("ttl_seconds", ttl, 1, limits::MAX_TTL_SECONDS))
+        .transpose()?;
+    Ok(SandboxSpec {
+        name: req.name,
+        image: req.image,
+        command: req.command,
+        env: req.env,
+        labels: req.labels,
+        workdir: req.workdir,
+        cpu_millis,
+        memory_mb,
+        ttl_seconds,
+    })
+}
+
+fn validate_exec(req: ExecRequest) -> Result<ExecSpec, ApiError> {
+    domain::validate_argv("argv", &req.argv)?;
+    domain::validate_env(&req.env)?;
+    if let Some(workdir) = &req.workdir {
+        domain::validate_workdir(workdir)?;
+    }
+    Ok(ExecSpec {
+        argv: req.argv,
+        env: req.env,
+        workdir: req.workdir,
+        timeout_ms: domain::validate_range(
+            "timeout_ms",
+            req.timeout_ms.unwrap_or(limits::DEFAULT_EXEC_TIMEOUT_MS),
+            1,
+            limits::MAX_EXEC_TIMEOUT_MS,
+        )?,
+        max_output_bytes: domain::validate_range(
+            "max_output_bytes",
+            req.max_output_bytes
+                .unwrap_or(limits::DEFAULT_EXEC_OUTPUT_BYTES),
+            0,
+            limits::MAX_EXEC_OUTPUT_BYTES,
+        )?,
+    })
+}
+
+fn validate_display_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        Err(ApiError::bad_request(format!(
+            "{what} must be 1-128 printable characters"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Sandbox ids are `sbx_` and 32 hex digits; anything else cannot exist.
+fn check_sandbox_id(id: &str) -> Result<(), ApiError> {
+    let ok = id.len() == 36
+        && id.starts_with("sbx_")
+        && id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("sandbox"))
+    }
+}
+
+// ---- handlers: health -----------------------------------------------------
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
+    if !state.control_plane.is_alive() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the actor tree is not running",
+        ));
+    }
+    state.control_plane.store().ping().await?;
+    Ok(Json(Health {
+        status: "ready".into(),
+    }))
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+// ---- handlers: admin ------------------------------------------------------
+
+#[utoipa::path(post, path = "/v1/admin/orgs", request_body = CreateOrgRequest,
+    responses((status = 201, body = CreatedOrg), (status = 409, body = ErrorBody)), tag = "admin")]
+async fn create_org(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateOrgRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedOrg>)> {
+    validate_display_name("name", &req.name)?;
+    let store = state.control_plane.store();
+    let org = store.create_org(&req.name).await?;
+    let key = store.create_api_key(&org.id, "initial").await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedOrg {
+            org: org.into(),
+            api_key: key.into(),
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/admin/orgs", responses((status = 200, body = OrgList)), tag = "admin")]
+async fn list_orgs(_: AdminCaller, State(state): State<AppState>) -> ApiResult<Json<OrgList>> {
+    let orgs = state.control_plane.store().list_orgs().await?;
+    Ok(Json(OrgList {
+        orgs: orgs.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/admin/orgs/{id}/credits", request_body = DepositRequest,
+    responses((status = 200, body = BillingView), (status = 404, body = ErrorBody)), tag = "admin")]
+async fn deposit_credits(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(org_id): Path<String>,
+    ApiJson(req): ApiJson<DepositRequest>,
+) -> ApiResult<Json<BillingView>> {
+    validate_display_name("reference", &req.reference)?;
+    let summary = state
+        .control_plane
+        .deposit(&org_id, req.amount_micros, &req.reference, &req.description)
+        .await?;
+    Ok(Json(summary.into()))
+}
+
+#[utoipa::path(post, path = "/v1/admin/host-tokens", request_body = CreateHostTokenRequest,
+    responses((status = 201, body = CreatedHostToken)), tag = "admin")]
+async fn create_host_token(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateHostTokenRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedHostToken>)> {
+    validate_display_name("name", &req.name)?;
+    if let Some(host_id) = &req.host_id {
+        let known = state.control_plane.store().list_host_tokens().await?;
+        if !known.iter().any(|t| &t.host_id == host_id) {
+            return Err(ApiError::not_found("host"));
+        }
+    }
+    let issued = state
+        .control_plane
+        .store()
+        .create_host_token(&req.name, req.host_id)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedHostToken {
+            id: issued.record.id,
+            host_id: issued.record.host_id,
+            name: issued.record.name,
+            prefix: issued.record.prefix,
+            token: issued.secret,
+            created_at: issued.record.created_at,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/admin/host-tokens", responses((status = 200, body = HostTokenList)), tag = "admin")]
+async fn list_host_tokens(
+    _: AdminCaller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<HostTokenList>> {
+    let tokens = state.control_plane.store().list_host_tokens().await?;
+    Ok(Json(HostTokenList {
+        host_tokens: tokens.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/admin/host-tokens/{id}",
+    responses((status = 200, body = HostTokenView), (status = 404, body = ErrorBody)), tag = "admin")]
+async fn revoke_host_token(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostTokenView>> {
+    let token = state.control_plane.store().revoke_host_token(&id).await?;
+    Ok(Json(token.into()))
+}
+
+#[utoipa::path(get, path = "/v1/admin/hosts", responses((status = 200, body = HostList)), tag = "admin")]
+async fn list_hosts(_: AdminCaller, State(state): State<AppState>) -> ApiResult<Json<HostList>> {
+    let hosts = state.control_plane.list_hosts().await?;
+    Ok(Json(HostList {
+        hosts: hosts
+            .into_iter()
+            .map(|h| {
+                let allocated = h.capacity.as_ref().map(|c| c.allocated).unwrap_or_default();
+                HostView {
+                    capacity: ResourcesView {
+                        cpu_millis: u64::try_from(h.row.cpu_millis).unwrap_or(0),
+                        memory_mb: u64::try_from(h.row.memory_mb).unwrap_or(0),
+                    },
+                    allocated: ResourcesView {
+                        cpu_millis: allocated.cpu_millis,
+                        memory_mb: allocated.memory_mb,
+                    },
+                    images: serde_json::from_value(h.row.images).unwrap_or_default(),
+                    id: h.row.id,
+                    hostname: h.row.hostname,
+                    state: h.row.state,
+                    runtime: h.row.runtime,
+                    isolated: h.row.isolated,
+                    agent_version: h.row.agent_version,
+                    last_seen_at: h.row.last_seen_at,
+                }
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/admin/actors",
+    responses((status = 200, description = "The live supervision tree: {kind, id?, status, children?}")), tag = "admin")]
+async fn actor_tree(
+    _: AdminCaller,
+    State(state): State<AppState>,
+) -> Json<corral_actors::tree::ActorNode> {
+    Json(state.control_plane.actor_tree())
+}
+
+// ---- handlers: org --------------------------------------------------------
+
+#[utoipa::path(post, path = "/v1/api-keys", request_body = CreateApiKeyRequest,
+    responses((status = 201, body = CreatedApiKey)), tag = "org")]
+async fn create_api_key(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateApiKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
+    validate_display_name("name", &req.name)?;
+    let issued = state
+        .control_plane
+        .store()
+        .create_api_key(&caller.org_id, &req.name)
+        .await?;
+    Ok((StatusCode::CREATED, Json(issued.into())))
+}
+
+#[utoipa::path(get, path = "/v1/api-keys", responses((status = 200, body = ApiKeyList)), tag = "org")]
+async fn list_api_keys(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<ApiKeyList>> {
+    let keys = state
+        .control_plane
+        .store()
+        .list_api_keys(&caller.org_id)
+        .await?;
+    Ok(Json(ApiKeyList {
+        api_keys: keys.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/api-keys/{id}",
+    responses((status = 200, body = ApiKeyView), (status = 404, body = ErrorBody)), tag = "org")]
+async fn revoke_api_key(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ApiKeyView>> {
+    let key = state
+        .control_plane
+        .store()
+        .revoke_api_key(&caller.org_id, &id)
+        .await?;
+    Ok(Json(key.into()))
+}
+
+#[utoipa::path(get, path = "/v1/billing", responses((status = 200, body = BillingView)), tag = "org")]
+async fn billing(caller: OrgCaller, State(state): State<AppState>) -> ApiResult<Json<BillingView>> {
+    Ok(Json(
+        state.control_plane.billing(&caller.org_id).await?.into(),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
+    params(("wait" = Option<bool>, Query, description = "Answer once running (default true)")),
+    responses((status = 201, body = SandboxView), (status = 400, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "The host refused, e.g. image_not_found"),
+        (status = 503, body = ErrorBody, description = "no_capacity, host_unavailable")), tag = "sandboxes")]
+async fn create_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Query(q): Query<WaitQuery>,
+    ApiJson(req): ApiJson<CreateSandboxRequest>,
+) -> ApiResult<(StatusCode, Json<SandboxView>)> {
+    let spec = validate_create(req)?;
+    let row = state
+        .control_plane
+        .create_sandbox(&caller.org_id, spec, q.wait)
+        .await?;
+    if row.state == SandboxState::Failed.as_str() {
+        // The host refused it: report why, with the sandbox id to inspect.
+        let reason = row.failure_reason.clone().unwrap_or_default();
+        let code = if reason.starts_with("image_not_found") {
+            "image_not_found"
+        } else {
+            "sandbox_failed"
+        };
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            format!("sandbox {} failed to start: {reason}", row.id),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes",
+    params(("state" = Option<String>, Query), ("label" = Option<String>, Query, description = "k=v; repeatable"),
+        ("after" = Option<String>, Query, description = "cursor"), ("limit" = Option<u64>, Query)),
+    responses((status = 200, body = SandboxList)), tag = "sandboxes")]
+async fn list_sandboxes(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<SandboxList>> {
+    let mut filter = SandboxFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "state" => {
+                filter.state =
+                    Some(SandboxState::parse(&value).ok_or_else(|| {
+                        ApiError::bad_request(format!("unknown state {value:?}"))
+                    })?);
+            }
+            "label" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| ApiError::bad_request("label filters are key=value"))?;
+                filter.labels.insert(k.to_string(), v.to_string());
+            }
+            "after" => filter.after = Some(value.into_owned()),
+            "limit" => {
+                let limit: u64 = value
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("limit must be a number"))?;
+                filter.limit = domain::validate_range("limit", limit, 1, 1000)?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    let rows = state
+        .control_plane
+        .list_sandboxes(&caller.org_id, &filter)
+        .await?;
+    let next_cursor = if rows.len() as u64 == filter.limit {
+        rows.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(SandboxList {
+        sandboxes: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}",
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
+async fn get_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    check_sandbox_id(&id)?;
+    Ok(Json(
+        state
+            .control_plane
+            .get_sandbox(&caller.org_id, &id)
+            .await?
+            .into(),
+    ))
+}
+
+async fn set_desired(
+    caller: OrgCaller,
+    state: AppState,
+    id: String,
+    desired: DesiredState,
+    wait: bool,
+) -> ApiResult<Json<SandboxView>> {
+    check_sandbox_id(&id)?;
+    let row = state
+        .control_plane
+        .set_desired(&caller.org_id, &id, desired, wait)
+        .await?;
+    Ok(Json(row.into()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("wait" = Option<bool>, Query)),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
+async fn start_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<Json<SandboxView>> {
+    set_desired(caller, state, id, DesiredState::Running, q.wait).await
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("wait" = Option<bool>, Query)),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
+async fn stop_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<Json<SandboxView>> {
+    set_desired(caller, state, id, DesiredState::Stopped, q.wait).await
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("wait" = Option<bool>, Query)),
+    responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
+async fn destroy_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<Json<SandboxView>> {
+    set_desired(caller, state, id, DesiredState::Destroyed, q.wait).await
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecRequest,
+    responses((status = 200, body = ExecResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
+async fn exec_sandbox(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    check_sandbox_id(&id)?;
+    let spec = validate_exec(req)?;
+    let out = state.control_plane.exec(&caller.org_id, &id, spec).await?;
+    Ok(Json(ExecResponse {
+        exit_code: out.exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout_truncated: out.stdout_truncated,
+        stderr_truncated: out.stderr_truncated,
+        duration_ms: out.duration_ms,
+        timed_out: out.timed_out,
+    }))
+}
+
+async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route")
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Corral", description = "Sandbox orchestrator REST API. Authenticate with `Authorization: Bearer <API key>` (org routes) or the platform admin token (admin routes)."),
+    paths(healthz, readyz, create_org, list_orgs, deposit_credits, create_host_token, list_host_tokens,
+        revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key, billing,
+        create_sandbox, list_sandboxes, get_sandbox, start_sandbox, stop_sandbox, destroy_sandbox, exec_sandbox),
+    tags((name = "sandboxes"), (name = "org"), (name = "admin"))
+)]
+pub struct ApiDoc;
+
+/// Every route, in one place that reads like the API reference.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/admin/orgs", post(create_org).get(list_orgs))
+        .route("/v1/admin/orgs/{id}/credits", post(deposit_credits))
+        .route(
+            "/v1/admin/host-tokens",
+            post(create_host_token).get(list_host_tokens),
+        )
+        .route("/v1/admin/host-tokens/{id}", delete(revoke_host_token))
+        .route("/v1/admin/hosts", get(list_hosts))
+        .route("/v1/admin/actors", get(actor_tree))
+        .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/v1/api-keys/{id}", delete(revoke_api_key))
+        .route("/v1/billing", get(billing))
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(destroy_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/start", post(start_sandbox))
+        .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
+        .fallback(no_route)
+        .with_state(state)
+}

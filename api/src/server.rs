@@ -1,0 +1,193 @@
+//! Running the control plane: configuration (flags with `CORRAL_*`
+//! environment fallbacks), the REST and gRPC listeners, and an orderly
+//! shutdown (stop taking REST requests and drain them, then close the agent
+//! streams, then stop the actor tree; LESSONS 33).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use corral_actors::actors::Timeouts;
+use corral_actors::store::hash_secret;
+use corral_actors::{ControlPlane, ControlPlaneConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::grpc::AgentGateway;
+use crate::AppState;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the REST API.
+    #[arg(long, env = "CORRAL_HTTP_ADDR", default_value = "127.0.0.1:7070")]
+    pub http_addr: SocketAddr,
+    /// Address of the agent gRPC service.
+    #[arg(long, env = "CORRAL_GRPC_ADDR", default_value = "127.0.0.1:7071")]
+    pub grpc_addr: SocketAddr,
+    /// Directory for the SQLite database (when DATABASE_URL is unset).
+    #[arg(long, env = "CORRAL_DATA_DIR", default_value = ".corral")]
+    pub data_dir: PathBuf,
+    /// A SeaORM database URL (postgres://... or sqlite://...); defaults to
+    /// SQLite in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The platform admin token. Admin routes are closed without one.
+    #[arg(long, env = "CORRAL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// How often agents send heartbeats, in milliseconds.
+    #[arg(long, env = "CORRAL_HEARTBEAT_MS", default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+    /// How long a stopping sandbox gets before it is killed, in milliseconds.
+    #[arg(long, env = "CORRAL_STOP_GRACE_MS", default_value_t = 10_000)]
+    pub stop_grace_ms: u64,
+}
+
+impl ServerConfig {
+    /// A config for tests and embedding: loopback, ephemeral ports.
+    pub fn local(data_dir: PathBuf, admin_token: Option<String>) -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            database_url: None,
+            admin_token,
+            heartbeat_ms: 2000,
+            stop_grace_ms: 10_000,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("corral.db").display()
+            ),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (100..=60_000).contains(&self.heartbeat_ms),
+            "--heartbeat-ms must be between 100 and 60000"
+        );
+        anyhow::ensure!(
+            self.stop_grace_ms <= 600_000,
+            "--stop-grace-ms must be at most 600000"
+        );
+        if let Some(token) = &self.admin_token {
+            anyhow::ensure!(
+                token.len() >= 16,
+                "the admin token must be at least 16 characters"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A running server; dropping it does not stop it, [`Server::shutdown`] does.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub control_plane: ControlPlane,
+    shutdown: watch::Sender<bool>,
+    http_task: tokio::task::JoinHandle<()>,
+    grpc_task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        if config.database_url.is_none() {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating data directory {}", config.data_dir.display())
+            })?;
+        }
+        let timeouts = Timeouts {
+            heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
+            stop_grace: Duration::from_millis(config.stop_grace_ms),
+            ..Timeouts::default()
+        };
+        let control_plane = ControlPlane::start(ControlPlaneConfig {
+            database_url: config.database_url(),
+            timeouts,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;
+
+        let state = AppState {
+            control_plane: control_plane.clone(),
+            admin_token_hash: config.admin_token.as_deref().map(hash_secret),
+        };
+        let (shutdown, _) = watch::channel(false);
+
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the REST API to {}", config.http_addr))?;
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding the agent service to {}", config.grpc_addr))?;
+        let http_addr = http_listener.local_addr()?;
+        let grpc_addr = grpc_listener.local_addr()?;
+
+        let mut http_stop = shutdown.subscribe();
+        let app = crate::rest::router(state);
+        let http_task = tokio::spawn(async move {
+            let served = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "REST server failed");
+            }
+        });
+
+        let mut grpc_stop = shutdown.subscribe();
+        let gateway = AgentGateway::new(control_plane.clone()).into_service();
+        let grpc_task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .add_service(gateway)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stop.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "agent service failed");
+            }
+        });
+
+        tracing::info!(%http_addr, %grpc_addr, "control plane listening");
+        Ok(Self {
+            http_addr,
+            grpc_addr,
+            control_plane,
+            shutdown,
+            http_task,
+            grpc_task,
+        })
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// REST first (drains in-flight requests), then agent streams, then the
+    /// actor tree.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.http_task).await;
+        // Streaming RPCs never finish on their own: stop the actor tree so
+        // the connections close, then give the gRPC server a moment.
+        self.control_plane.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.grpc_task).await;
+    }
+}

@@ -1,0 +1,18 @@
+//! The Corral control-plane schema, as SeaORM migrations that run unchanged
+//! on SQLite and PostgreSQL.
+//!
+//! Migrations are append-only: a migration that has been released is never
+//! edited or renumbered (LESSONS 34); a change is a new migration.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_initial::Migration)]
+    }
+}

@@ -1,0 +1,372 @@
+//! Shared harness of Corral's integration tests: a control plane started
+//! in-process on real loopback sockets, in-process agents on the fake runtime
+//! that talk to it over real gRPC, the real `corral` and `corral-agent`
+//! binaries as child processes, a small REST client and `wait_for`, which
+//! polls a condition until a deadline instead of sleeping.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_agent::fake::{FakeConfig, FakeRuntime};
+use corral_agent::AgentConfig;
+use corral_api::server::{Server, ServerConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` every 25 ms until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A REST client holding one bearer token.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            token: token.into(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn with_token(&self, token: impl Into<String>) -> Self {
+        Self::new(self.base.clone(), token)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("the REST API answers");
+        let status = response.status();
+        let bytes = response.bytes().await.expect("a response body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "non-JSON body ({status}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.client.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(self.client.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (StatusCode, Value) {
+        self.send(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.client.delete(format!("{}{path}", self.base)))
+            .await
+    }
+}
+
+/// The error code of an error response.
+pub fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// A control plane in this process, on real loopback sockets, with SQLite in
+/// a temporary directory (or `database_url`).
+pub struct TestServer {
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+    config: ServerConfig,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config =
+            ServerConfig::local(dir.path().to_path_buf(), Some(ADMIN_TOKEN.to_string()));
+        config.heartbeat_ms = 500;
+        config.stop_grace_ms = 2000;
+        tweak(&mut config);
+        let server = Server::start(config.clone())
+            .await
+            .expect("the server starts");
+        Self {
+            server,
+            dir,
+            config,
+        }
+    }
+
+    /// Stops the control plane and starts a new one on the same database and
+    /// addresses, as a process restart would.
+    pub async fn restart(self) -> Self {
+        let Self {
+            server,
+            dir,
+            mut config,
+        } = self;
+        config.http_addr = server.http_addr;
+        config.grpc_addr = server.grpc_addr;
+        server.shutdown().await;
+        let server = Server::start(config.clone())
+            .await
+            .expect("the server restarts");
+        Self {
+            server,
+            dir,
+            config,
+        }
+    }
+
+    pub fn admin(&self) -> Api {
+        Api::new(self.server.http_url(), ADMIN_TOKEN)
+    }
+
+    /// Creates an org; returns its id and a client holding its API key.
+    pub async fn create_org(&self, name: &str) -> (String, Api) {
+        let (status, body) = self
+            .admin()
+            .post("/v1/admin/orgs", json!({ "name": name }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let org_id = body["org"]["id"].as_str().expect("org id").to_string();
+        let key = body["api_key"]["secret"].as_str().expect("key").to_string();
+        (org_id, Api::new(self.server.http_url(), key))
+    }
+
+    /// Issues a host token; returns (host id, token).
+    pub async fn host_token(&self, name: &str) -> (String, String) {
+        let (status, body) = self
+            .admin()
+            .post("/v1/admin/host-tokens", json!({ "name": name }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (
+            body["host_id"].as_str().expect("host id").to_string(),
+            body["token"].as_str().expect("token").to_string(),
+        )
+    }
+
+    /// Waits until `host_id` is connected and schedulable.
+    pub async fn wait_host_ready(&self, host_id: &str) {
+        let cp = self.server.control_plane.clone();
+        wait_for(
+            "the host to be schedulable",
+            Duration::from_secs(15),
+            || {
+                let cp = cp.clone();
+                let host_id = host_id.to_string();
+                async move {
+                    let capacity = cp.capacity().await.ok()?;
+                    capacity.get(&host_id).filter(|c| c.schedulable).map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Starts an in-process agent on the fake runtime and waits until its
+    /// host is schedulable.
+    pub async fn fake_agent(
+        &self,
+        cpu_millis: u32,
+        memory_mb: u64,
+        fake: FakeConfig,
+    ) -> InProcessAgent {
+        let (host_id, token) = self.host_token("fake").await;
+        let agent = InProcessAgent::start(
+            &host_id,
+            &self.server.grpc_url(),
+            &token,
+            cpu_millis,
+            memory_mb,
+            fake,
+        );
+        self.wait_host_ready(&host_id).await;
+        agent
+    }
+}
+
+/// An agent running in this process on the fake runtime, connected over
+/// real gRPC.
+pub struct InProcessAgent {
+    pub host_id: String,
+    pub runtime: FakeRuntime,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessAgent {
+    /// Starts an agent for `host_id` (the host its `token` names).
+    pub fn start(
+        host_id: &str,
+        url: &str,
+        token: &str,
+        cpu_millis: u32,
+        memory_mb: u64,
+        fake: FakeConfig,
+    ) -> Self {
+        let runtime = FakeRuntime::new(fake);
+        let config = AgentConfig {
+            control_plane_url: url.to_string(),
+            token: token.to_string(),
+            hostname: "fake-host".into(),
+            cpu_millis,
+            memory_mb,
+            max_concurrent_commands: 64,
+            poll_interval: Duration::from_millis(200),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let shared: Arc<dyn corral_agent::runtime::Runtime> = Arc::new(runtime.clone());
+        let task = tokio::spawn(corral_agent::run_agent(config, shared, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            host_id: host_id.to_string(),
+            runtime,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Ends the agent abruptly: its stream is cut mid-flight, as when the
+    /// process dies.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A binary of this workspace, built by `cargo build --bins`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process that is killed when dropped.
+pub struct ChildProcess {
+    pub child: tokio::process::Child,
+    pub name: String,
+}
+
+impl ChildProcess {
+    pub fn spawn(name: &str, command: &mut tokio::process::Command) -> Self {
+        let child = command
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Creates a sandbox and asserts it was created.
+pub async fn create_sandbox(api: &Api, body: Value) -> Value {
+    let (status, sandbox) = api.post("/v1/sandboxes", body).await;
+    assert_eq!(status, StatusCode::CREATED, "create failed: {sandbox}");
+    sandbox
+}
+
+/// The id of a JSON object.
+pub fn id_of(value: &Value) -> String {
+    value["id"].as_str().expect("an id").to_string()
+}
+
+/// Whether the test must run for real (CI), rather than skip when the
+/// machine lacks something.
+pub fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+}

@@ -1,0 +1,305 @@
+//! The store on both databases: migrations run (and roll back and run
+//! again), secrets are stored hashed and authenticate, lookups are scoped to
+//! the org, sandbox rows round-trip, listing pages and filters, and ledger
+//! entries are idempotent with the balance equal to their sum.
+//!
+//! PostgreSQL runs when CORRAL_TEST_POSTGRES_URL is set (scripts/test starts
+//! one); in CI its absence is a failure, not a skip.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use corral_actors::domain::{new_id, SandboxState};
+use corral_actors::store::{sandbox, NewLedgerEntry, SandboxFilter, Store};
+use corral_actors::CorralError;
+use corral_migrations::{Migrator, MigratorTrait};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::json;
+
+async fn sqlite_store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("corral.db").display()
+    );
+    (Store::connect(&url).await.expect("sqlite store"), dir)
+}
+
+/// A fresh database on the test PostgreSQL server, or None (skipped outside CI).
+async fn postgres_store() -> Option<Store> {
+    let Ok(base) = std::env::var("CORRAL_TEST_POSTGRES_URL") else {
+        assert!(
+            !corral_tests::required(),
+            "CORRAL_TEST_POSTGRES_URL is not set: CI must run the store tests on PostgreSQL"
+        );
+        eprintln!("SKIPPED: CORRAL_TEST_POSTGRES_URL is not set; PostgreSQL store tests not run");
+        return None;
+    };
+    let name = format!("corral_{}", &new_id("t")[2..]);
+    let admin = Database::connect(base.as_str())
+        .await
+        .expect("connect to postgres");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
+    Some(
+        Store::connect(&format!("{prefix}/{name}"))
+            .await
+            .expect("postgres store"),
+    )
+}
+
+fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
+    let now = Utc::now();
+    sandbox::Model {
+        id: new_id("sbx"),
+        org_id: org_id.to_string(),
+        host_id: Some("hst_x".into()),
+        name: Some("web".into()),
+        image: "busybox".into(),
+        command: json!(["sleep", "10"]),
+        env: json!({"A": "1"}),
+        labels,
+        workdir: None,
+        cpu_millis: 500,
+        memory_mb: 64,
+        ttl_seconds: Some(60),
+        state: SandboxState::Scheduled.as_str().into(),
+        desired_state: "running".into(),
+        failure_reason: None,
+        exit_code: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        expires_at: None,
+    }
+}
+
+async fn migrations_roll_back_and_forward(store: &Store) {
+    let db = store.connection();
+    Migrator::down(db, None).await.expect("down");
+    assert!(
+        store.list_orgs().await.is_err(),
+        "tables are gone after down"
+    );
+    Migrator::up(db, None).await.expect("up again");
+    assert!(store.list_orgs().await.expect("orgs").is_empty());
+}
+
+async fn credentials_are_hashed_and_scoped(store: &Store) {
+    let org = store.create_org("acme").await.expect("org");
+    let other = store.create_org("globex").await.expect("org");
+    assert!(matches!(
+        store.create_org("acme").await,
+        Err(CorralError::Conflict(_))
+    ));
+
+    let key = store.create_api_key(&org.id, "ci").await.expect("key");
+    assert_ne!(
+        key.record.secret_hash, key.secret,
+        "the secret is not stored"
+    );
+    assert!(!key.record.secret_hash.contains(&key.secret[3..]));
+    let found = store.authenticate_api_key(&key.secret).await.expect("auth");
+    assert_eq!(found.map(|k| k.org_id), Some(org.id.clone()));
+    assert!(store
+        .authenticate_api_key("ck_wrong")
+        .await
+        .expect("auth")
+        .is_none());
+
+    // Another org cannot revoke it; its owner can, and then it is dead.
+    assert!(matches!(
+        store.revoke_api_key(&other.id, &key.record.id).await,
+        Err(CorralError::NotFound(_))
+    ));
+    store
+        .revoke_api_key(&org.id, &key.record.id)
+        .await
+        .expect("revoke");
+    assert!(store
+        .authenticate_api_key(&key.secret)
+        .await
+        .expect("auth")
+        .is_none());
+
+    let token = store.create_host_token("h1", None).await.expect("token");
+    let found = store
+        .authenticate_host_token(&token.secret)
+        .await
+        .expect("auth");
+    assert_eq!(found.map(|t| t.host_id), Some(token.record.host_id.clone()));
+    store
+        .revoke_host_token(&token.record.id)
+        .await
+        .expect("revoke");
+    assert!(store
+        .authenticate_host_token(&token.secret)
+        .await
+        .expect("auth")
+        .is_none());
+}
+
+async fn sandboxes_round_trip_and_list(store: &Store) {
+    let org = store.create_org("sandboxes").await.expect("org");
+    let other = store.create_org("other").await.expect("org");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let labels = json!({"team": if i % 2 == 0 { "a" } else { "b" }});
+        let row = store
+            .insert_sandbox(sandbox_row(&org.id, labels))
+            .await
+            .expect("insert");
+        ids.push(row.id);
+    }
+    store
+        .insert_sandbox(sandbox_row(&other.id, json!({})))
+        .await
+        .expect("insert");
+
+    let mut row = store
+        .get_sandbox(&org.id, &ids[0])
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(row.env, json!({"A": "1"}));
+    row.state = SandboxState::Running.as_str().into();
+    row.exit_code = Some(3);
+    store.save_sandbox(row).await.expect("save");
+    let row = store
+        .get_sandbox(&org.id, &ids[0])
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!((row.state.as_str(), row.exit_code), ("running", Some(3)));
+    assert!(store
+        .get_sandbox(&other.id, &ids[0])
+        .await
+        .expect("get")
+        .is_none());
+
+    // Pages of two, in creation order, never showing the other org's.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_sandboxes(
+                &org.id,
+                &SandboxFilter {
+                    limit: 2,
+                    after: after.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("list");
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| r.id.clone());
+        seen.extend(page.into_iter().map(|r| r.id));
+    }
+    assert_eq!(seen, ids);
+
+    let team_a = store
+        .list_sandboxes(
+            &org.id,
+            &SandboxFilter {
+                limit: 100,
+                labels: BTreeMap::from([("team".into(), "a".into())]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(team_a.len(), 3);
+    let running = store
+        .list_sandboxes(
+            &org.id,
+            &SandboxFilter {
+                limit: 100,
+                state: Some(SandboxState::Running),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(running.len(), 1);
+}
+
+async fn ledger_is_idempotent(store: &Store) {
+    let org = store.create_org("ledger").await.expect("org");
+    let entry = |key: &str, amount: i64| NewLedgerEntry {
+        org_id: org.id.clone(),
+        kind: "deposit".into(),
+        amount_micros: amount,
+        idempotency_key: key.into(),
+        sandbox_id: None,
+        description: String::new(),
+    };
+    let (_, inserted) = store
+        .append_ledger_entry(entry("k1", 5_000_000))
+        .await
+        .expect("append");
+    assert!(inserted);
+    let (again, inserted) = store
+        .append_ledger_entry(entry("k1", 5_000_000))
+        .await
+        .expect("append");
+    assert!(!inserted, "a retried entry is not applied twice");
+    assert_eq!(again.amount_micros, 5_000_000);
+    store
+        .append_ledger_entry(entry("k2", -1_250))
+        .await
+        .expect("append");
+    assert_eq!(
+        store.ledger_balance(&org.id).await.expect("balance"),
+        4_998_750
+    );
+    let entries = store
+        .list_ledger_entries(&org.id, None, 10)
+        .await
+        .expect("entries");
+    assert_eq!(
+        entries.iter().map(|e| e.amount_micros).sum::<i64>(),
+        4_998_750
+    );
+}
+
+async fn full_suite(store: &Store) {
+    credentials_are_hashed_and_scoped(store).await;
+    sandboxes_round_trip_and_list(store).await;
+    ledger_is_idempotent(store).await;
+    migrations_roll_back_and_forward(store).await;
+}
+
+#[tokio::test]
+async fn store_works_on_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    full_suite(&store).await;
+}
+
+#[tokio::test]
+async fn store_works_on_postgres() {
+    if let Some(store) = postgres_store().await {
+        full_suite(&store).await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_runs_in_wal_mode() {
+    let (store, _dir) = sqlite_store().await;
+    let row = store
+        .connection()
+        .query_one(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            "PRAGMA journal_mode",
+        ))
+        .await
+        .expect("pragma")
+        .expect("a row");
+    let mode: String = row.try_get_by_index(0).expect("mode");
+    assert_eq!(mode.to_lowercase(), "wal");
+}
