@@ -233,7 +233,12 @@ impl ControlPlane {
             created_at: now,
             updated_at: now,
             started_at: None,
-            expires_at: None,
+            // The TTL counts from the request, so the deadline is known
+            // before anything runs and the host can enforce it too.
+            expires_at: spec
+                .ttl_seconds
+                .and_then(|ttl| i64::try_from(ttl).ok())
+                .map(|ttl| now + chrono::Duration::seconds(ttl)),
         };
         call(
             &host,

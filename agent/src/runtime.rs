@@ -403,6 +403,7 @@ impl From<&SandboxStatus> for pb::SandboxStatus {
             phase: pb::SandboxPhase::from(s.phase) as i32,
             exit_code: s.exit_code,
             image: s.image.clone(),
+            expires_at_unix_ms: 0,
         }
     }
 }

@@ -268,8 +268,7 @@ impl HostActor {
             let status = reported.remove(id).unwrap_or(pb::SandboxStatus {
                 sandbox_id: id.clone(),
                 phase: pb::SandboxPhase::Absent as i32,
-                exit_code: None,
-                image: String::new(),
+                ..Default::default()
             });
             let _ = sandbox.cast(SandboxMsg::Observed {
                 status,

@@ -281,6 +281,7 @@ impl SandboxActor {
                     memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
                     labels: json_map(&row.labels).into_iter().collect(),
                     hostname: row.name.clone().unwrap_or_else(|| row.id.clone()),
+                    expires_at_unix_ms: row.expires_at.map_or(0, |t| t.timestamp_millis()),
                 }),
                 state.timeouts.create,
             ),
@@ -321,11 +322,6 @@ impl SandboxActor {
                         row.started_at = Some(now);
                         row.exit_code = None;
                         row.failure_reason = None;
-                        if row.expires_at.is_none() {
-                            row.expires_at = row
-                                .ttl_seconds
-                                .map(|ttl| now + chrono::Duration::seconds(ttl));
-                        }
                         self.persist(state, row).await?;
                     }
                     (_, Some(SandboxState::Stopped)) => {
