@@ -23,6 +23,7 @@ use crate::domain::{
     new_id, DesiredState, ExecOutcome, ExecSpec, Resources, SandboxSpec, SandboxState,
 };
 use crate::error::{CorralError, Result};
+use crate::metrics::Metrics;
 use crate::store::{sandbox, HostRegistration, SandboxFilter, Store};
 use crate::tree::{self, ActorNode};
 
@@ -45,6 +46,7 @@ struct Inner {
     top: TopLevel,
     prefix: String,
     timeouts: Timeouts,
+    metrics: Metrics,
 }
 
 /// A host as operators see it.
@@ -72,6 +74,10 @@ where
     }
 }
 
+fn where_is<M: ractor::Message>(name: &str) -> Option<ActorRef<M>> {
+    ractor::registry::where_is(name.to_string()).map(ActorRef::from)
+}
+
 /// A reply port whose answer nobody waits for (fire-and-forget requests).
 fn detached<T: Send + 'static>() -> RpcReplyPort<T> {
     let (tx, _rx) = tokio::sync::oneshot::channel();
@@ -90,6 +96,7 @@ impl ControlPlane {
 
     pub async fn start_with_store(store: Store, timeouts: Timeouts) -> Result<Self> {
         let prefix = format!("{}/", &new_id("cp")[3..15]);
+        let metrics = Metrics::default();
         let (root, _) = Actor::spawn(
             Some(names::singleton(&prefix, names::ROOT)),
             RootSupervisor,
@@ -97,6 +104,7 @@ impl ControlPlane {
                 store: store.clone(),
                 timeouts: timeouts.clone(),
                 prefix: prefix.clone(),
+                metrics: metrics.clone(),
             },
         )
         .await
@@ -109,6 +117,7 @@ impl ControlPlane {
                 top,
                 prefix,
                 timeouts,
+                metrics,
             }),
         })
     }
@@ -119,6 +128,49 @@ impl ControlPlane {
 
     pub fn timeouts(&self) -> &Timeouts {
         &self.inner.timeouts
+    }
+
+    /// What the reconcilers and supervisors counted.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Makes one live actor panic, as a bug would: for the supervision
+    /// tests, never reachable from the API. Answers whether the actor was
+    /// found.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, kind: &str, id: &str) -> bool {
+        let prefix = &self.inner.prefix;
+        let (name, sent) = match kind {
+            "sandbox" => {
+                let name = names::sandbox(prefix, id);
+                let sent = where_is::<SandboxMsg>(&name)
+                    .is_some_and(|a| a.cast(SandboxMsg::InjectPanic).is_ok());
+                (name, sent)
+            }
+            "host" => {
+                let name = names::host(prefix, id);
+                let sent = where_is::<crate::actors::host::HostMsg>(&name)
+                    .is_some_and(|a| a.cast(crate::actors::host::HostMsg::InjectPanic).is_ok());
+                (name, sent)
+            }
+            "ledger" => {
+                let name = names::ledger(prefix, id);
+                let sent = where_is::<LedgerMsg>(&name)
+                    .is_some_and(|a| a.cast(LedgerMsg::InjectPanic).is_ok());
+                (name, sent)
+            }
+            // `id` is "host#generation" for a connection.
+            "connection" => {
+                let name = format!("{prefix}connection:{id}");
+                let sent = where_is::<ConnMsg>(&name)
+                    .is_some_and(|a| a.cast(ConnMsg::InjectPanic).is_ok());
+                (name, sent)
+            }
+            _ => (String::new(), false),
+        };
+        tracing::warn!(actor = %name, sent, "fault injected");
+        sent
     }
 
     /// Stops the actor tree (connections close; sandboxes keep running on

@@ -93,6 +93,14 @@ impl SandboxState {
         matches!(self, Self::Destroyed)
     }
 
+    /// States in the middle of a step toward the desired state.
+    pub fn is_transitional(self) -> bool {
+        matches!(
+            self,
+            Self::Creating | Self::Starting | Self::Stopping | Self::Destroying
+        )
+    }
+
     /// States in which the sandbox holds a reservation on its host.
     pub fn holds_capacity(self) -> bool {
         !matches!(

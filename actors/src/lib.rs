@@ -6,6 +6,7 @@ pub mod actors;
 pub mod control_plane;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod store;
 pub mod tree;
 

@@ -471,6 +471,18 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     }))
 }
 
+/// Counters of the reconcilers and supervisors, in the Prometheus text
+/// format (no secrets, no ids: safe to scrape without a token).
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.control_plane.metrics().render(),
+    )
+}
+
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -866,6 +878,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics))
         .route("/v1/admin/orgs", post(create_org).get(list_orgs))
         .route("/v1/admin/orgs/{id}/credits", post(deposit_credits))
         .route(

@@ -41,6 +41,22 @@ pub struct ServerConfig {
     /// How long a stopping sandbox gets before it is killed, in milliseconds.
     #[arg(long, env = "CORRAL_STOP_GRACE_MS", default_value_t = 10_000)]
     pub stop_grace_ms: u64,
+    /// How long a disconnected host keeps its sandboxes before it is offline
+    /// and they are lost, in milliseconds.
+    #[arg(long, env = "CORRAL_OFFLINE_GRACE_MS", default_value_t = 60_000)]
+    pub offline_grace_ms: u64,
+    /// How often each connected host's inventory is reconciled with the
+    /// database, in milliseconds.
+    #[arg(long, env = "CORRAL_RECONCILE_INTERVAL_MS", default_value_t = 30_000)]
+    pub reconcile_interval_ms: u64,
+    /// How long an unaccounted container may stay on a host before it is
+    /// destroyed, in milliseconds.
+    #[arg(long, env = "CORRAL_ORPHAN_GRACE_MS", default_value_t = 60_000)]
+    pub orphan_grace_ms: u64,
+    /// The longest a sandbox may stay creating/starting/stopping/destroying
+    /// before the step is given up, in milliseconds.
+    #[arg(long, env = "CORRAL_TRANSITION_DEADLINE_MS", default_value_t = 600_000)]
+    pub transition_deadline_ms: u64,
 }
 
 impl ServerConfig {
@@ -54,6 +70,10 @@ impl ServerConfig {
             admin_token,
             heartbeat_ms: 2000,
             stop_grace_ms: 10_000,
+            offline_grace_ms: 60_000,
+            reconcile_interval_ms: 30_000,
+            orphan_grace_ms: 60_000,
+            transition_deadline_ms: 600_000,
         }
     }
 
@@ -76,6 +96,27 @@ impl ServerConfig {
             self.stop_grace_ms <= 600_000,
             "--stop-grace-ms must be at most 600000"
         );
+        for (flag, value, min, max) in [
+            ("--offline-grace-ms", self.offline_grace_ms, 100, 86_400_000),
+            (
+                "--reconcile-interval-ms",
+                self.reconcile_interval_ms,
+                100,
+                3_600_000,
+            ),
+            ("--orphan-grace-ms", self.orphan_grace_ms, 0, 86_400_000),
+            (
+                "--transition-deadline-ms",
+                self.transition_deadline_ms,
+                1_000,
+                86_400_000,
+            ),
+        ] {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{flag} must be between {min} and {max}"
+            );
+        }
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(
                 token.len() >= 16,
@@ -107,6 +148,10 @@ impl Server {
         let timeouts = Timeouts {
             heartbeat_interval: Duration::from_millis(config.heartbeat_ms),
             stop_grace: Duration::from_millis(config.stop_grace_ms),
+            offline_grace: Duration::from_millis(config.offline_grace_ms),
+            reconcile_interval: Duration::from_millis(config.reconcile_interval_ms),
+            orphan_grace: Duration::from_millis(config.orphan_grace_ms),
+            transition_deadline: Duration::from_millis(config.transition_deadline_ms),
             ..Timeouts::default()
         };
         let control_plane = ControlPlane::start(ControlPlaneConfig {

@@ -37,6 +37,9 @@ pub enum ConnMsg {
     StreamEnded(String),
     /// Expire overdue requests; check heartbeats.
     Sweep,
+    /// Fault injection for the supervision tests: panic in the handler.
+    #[doc(hidden)]
+    InjectPanic,
 }
 
 pub struct ConnectionArgs {
@@ -144,6 +147,7 @@ impl Actor for ConnectionActor {
                 state.last_heard = Instant::now();
                 self.route_inbound(message, state);
             }
+            ConnMsg::InjectPanic => panic!("injected fault in connection {}", state.host_id),
             ConnMsg::StreamEnded(reason) => {
                 tracing::info!(host.id = %state.host_id, generation = state.generation, %reason, "agent stream ended");
                 myself.stop(Some(reason));

@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 use super::connection::ConnMsg;
 use super::host::{HostActor, HostArgs, HostMsg};
 use super::scheduler::SchedulerMsg;
+use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
 use crate::domain::{HostState, Resources, SandboxState};
 use crate::error::CorralError;
+use crate::metrics::Metrics;
 use crate::store::{HostRegistration, Store};
 
 pub enum FleetMsg {
@@ -35,12 +37,14 @@ pub struct FleetArgs {
     pub scheduler: ActorRef<SchedulerMsg>,
     pub timeouts: Timeouts,
     pub prefix: String,
+    pub metrics: Metrics,
 }
 
 pub struct FleetState {
     args: FleetArgs,
     hosts: HashMap<String, ActorRef<HostMsg>>,
     by_actor: HashMap<ActorId, String>,
+    restarts: RestartBudget<String>,
 }
 
 pub struct FleetSupervisor;
@@ -59,6 +63,7 @@ impl Actor for FleetSupervisor {
             args,
             hosts: HashMap::new(),
             by_actor: HashMap::new(),
+            restarts: RestartBudget::new(RestartPolicy::default()),
         };
         // No agent is connected to a control plane that just started.
         for host in state.args.store.list_hosts().await? {
@@ -152,6 +157,17 @@ impl Actor for FleetSupervisor {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(host_id) = state.by_actor.remove(&cell.get_id()) {
                     state.hosts.remove(&host_id);
+                    state.args.metrics.actor_restarts.inc();
+                    if !state
+                        .restarts
+                        .allow_restart(&host_id, std::time::Instant::now())
+                    {
+                        // Restarting does not help: escalate, and let the
+                        // root stop the control plane for a clean rebuild.
+                        return Err(
+                            format!("host actor {host_id} keeps failing (last: {error})").into(),
+                        );
+                    }
                     tracing::error!(host.id = %host_id, %error, "host actor failed; restarting it");
                     // Its sandboxes were its children and stopped with it;
                     // rebuild them from their rows.
@@ -190,8 +206,10 @@ impl FleetSupervisor {
         if let Some(host) = state.hosts.get(host_id) {
             return Ok(host.clone());
         }
+        let name = names::host(&state.args.prefix, host_id);
+        super::await_name_free(&name).await;
         let (host, _) = Actor::spawn_linked(
-            Some(names::host(&state.args.prefix, host_id)),
+            Some(name),
             HostActor,
             HostArgs {
                 host_id: host_id.to_string(),
@@ -199,6 +217,7 @@ impl FleetSupervisor {
                 scheduler: state.args.scheduler.clone(),
                 timeouts: state.args.timeouts.clone(),
                 prefix: state.args.prefix.clone(),
+                metrics: state.args.metrics.clone(),
             },
             myself.get_cell(),
         )

@@ -4,6 +4,15 @@
 //! commands to it, supervises the SandboxActors placed on the host, and tells
 //! the Scheduler when the host can or cannot take placements. A host becomes
 //! schedulable only after its connection is stored (LESSONS 4).
+//!
+//! It also owns the host's side of reconciliation (LESSONS 15):
+//! - on every (re)connect and every `reconcile_interval`, the host's
+//!   inventory is compared with the database in both directions: each tracked
+//!   sandbox is told what the host reports (absent included), and a container
+//!   the database does not know, or knows as destroyed, is destroyed once it
+//!   has been seen for `orphan_grace`;
+//! - a disconnected host is `disconnected` at once (no placements) and
+//!   `offline` after `offline_grace`, when its sandboxes become `lost`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,9 +24,11 @@ use tokio::sync::mpsc;
 use super::connection::{ConnMsg, ConnectionActor, ConnectionArgs, HostReply};
 use super::sandbox::{SandboxActor, SandboxArgs, SandboxMsg, SandboxReply};
 use super::scheduler::SchedulerMsg;
+use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
-use crate::domain::{HostState, Resources};
+use crate::domain::{HostState, Resources, SandboxState};
 use crate::error::CorralError;
+use crate::metrics::Metrics;
 use crate::store::{sandbox, HostRegistration, Store};
 
 pub enum HostMsg {
@@ -30,6 +41,10 @@ pub enum HostMsg {
     },
     /// Connection `generation` ended.
     Disconnected {
+        generation: u64,
+    },
+    /// The grace of the disconnect that ended `generation` ran out.
+    OfflineDeadline {
         generation: u64,
     },
     /// Send a command over the current connection.
@@ -48,6 +63,22 @@ pub enum HostMsg {
     },
     Heartbeat(pb::Heartbeat),
     AgentEvent(pb::SandboxEvent),
+    /// Time to ask the host for its inventory.
+    ReconcileTick,
+    /// The host's inventory, as asked at `as_of` on connection `generation`.
+    Inventory {
+        generation: u64,
+        as_of: Instant,
+        sandboxes: Vec<pb::SandboxStatus>,
+    },
+    /// An orphan container was destroyed (or could not be).
+    OrphanCollected {
+        sandbox_id: String,
+        ok: bool,
+    },
+    /// Fault injection for the supervision tests: panic in the handler.
+    #[doc(hidden)]
+    InjectPanic,
 }
 
 pub struct HostArgs {
@@ -56,6 +87,7 @@ pub struct HostArgs {
     pub scheduler: ActorRef<SchedulerMsg>,
     pub timeouts: Timeouts,
     pub prefix: String,
+    pub metrics: Metrics,
 }
 
 pub struct HostActorState {
@@ -64,7 +96,13 @@ pub struct HostActorState {
     generation: u64,
     sandboxes: HashMap<String, ActorRef<SandboxMsg>>,
     by_actor: HashMap<ActorId, String>,
-    last_heartbeat: Option<Instant>,
+    restarts: RestartBudget<String>,
+    /// Containers on the host that no sandbox row accounts for, with when
+    /// they were first seen.
+    orphans: HashMap<String, Instant>,
+    /// Orphans with a destroy in flight.
+    collecting: HashMap<String, Instant>,
+    inventory_in_flight: bool,
 }
 
 pub struct HostActor;
@@ -76,16 +114,25 @@ impl Actor for HostActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: HostArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.timeouts.reconcile_interval, || HostMsg::ReconcileTick);
+        // A host that is not connected when its actor starts (control-plane
+        // start, actor restart) goes offline unless it dials in in time.
+        myself.send_after(args.timeouts.offline_grace, || HostMsg::OfflineDeadline {
+            generation: 0,
+        });
         Ok(HostActorState {
             args,
             connection: None,
             generation: 0,
             sandboxes: HashMap::new(),
             by_actor: HashMap::new(),
-            last_heartbeat: None,
+            restarts: RestartBudget::new(RestartPolicy::default()),
+            orphans: HashMap::new(),
+            collecting: HashMap::new(),
+            inventory_in_flight: false,
         })
     }
 
@@ -108,28 +155,18 @@ impl Actor for HostActor {
                 let _ = reply.send(result);
             }
             HostMsg::Disconnected { generation } => {
-                self.disconnected(state, generation).await;
+                self.disconnected(&myself, state, generation).await;
+            }
+            HostMsg::OfflineDeadline { generation } => {
+                if state.connection.is_none() && state.generation == generation {
+                    self.offline(state).await;
+                }
             }
             HostMsg::Dispatch {
                 payload,
                 timeout,
                 reply,
-            } => match &state.connection {
-                Some((_, conn)) => {
-                    if let Err(ractor::MessagingErr::SendErr(ConnMsg::Request { reply, .. })) = conn
-                        .cast(ConnMsg::Request {
-                            payload,
-                            timeout,
-                            reply,
-                        })
-                    {
-                        let _ = reply.send(Err(CorralError::HostDisconnected));
-                    }
-                }
-                None => {
-                    let _ = reply.send(Err(CorralError::HostUnavailable));
-                }
-            },
+            } => dispatch(state, payload, timeout, reply),
             HostMsg::SpawnSandbox {
                 row,
                 insert,
@@ -143,9 +180,7 @@ impl Actor for HostActor {
                     let _ = reply.send(result);
                 }
             }
-            HostMsg::Heartbeat(_heartbeat) => {
-                state.last_heartbeat = Some(Instant::now());
-            }
+            HostMsg::Heartbeat(_heartbeat) => {}
             HostMsg::AgentEvent(event) => {
                 let Some(status) = event.status else {
                     return Ok(());
@@ -155,6 +190,7 @@ impl Actor for HostActor {
                         let _ = sandbox.cast(SandboxMsg::Observed {
                             status,
                             reason: event.reason,
+                            as_of: Instant::now(),
                         });
                     }
                     None => {
@@ -162,6 +198,26 @@ impl Actor for HostActor {
                     }
                 }
             }
+            HostMsg::ReconcileTick => self.request_inventory(&myself, state),
+            HostMsg::Inventory {
+                generation,
+                as_of,
+                sandboxes,
+            } => {
+                state.inventory_in_flight = false;
+                if state.connection.as_ref().map(|(g, _)| *g) == Some(generation) {
+                    self.reconcile(&myself, state, sandboxes, as_of).await;
+                }
+            }
+            HostMsg::OrphanCollected { sandbox_id, ok } => {
+                state.collecting.remove(&sandbox_id);
+                if ok {
+                    state.orphans.remove(&sandbox_id);
+                    state.args.metrics.orphans_collected.inc();
+                    tracing::info!(host.id = %state.args.host_id, sandbox.id = %sandbox_id, "orphan container destroyed");
+                }
+            }
+            HostMsg::InjectPanic => panic!("injected fault in host {}", state.args.host_id),
         }
         Ok(())
     }
@@ -176,36 +232,76 @@ impl Actor for HostActor {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 if let Some(id) = state.by_actor.remove(&cell.get_id()) {
                     state.sandboxes.remove(&id);
+                    state.restarts.forget(&id);
                 }
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(id) = state.by_actor.remove(&cell.get_id()) {
                     state.sandboxes.remove(&id);
-                    tracing::error!(sandbox.id = %id, %error, "sandbox actor failed; restarting it from its row");
-                    match state.args.store.get_sandbox_any_org(&id).await {
-                        Ok(Some(row)) => {
-                            if let Err(err) =
-                                self.spawn_sandbox(&myself, state, row, false, None).await
-                            {
-                                tracing::error!(sandbox.id = %id, error = %err, "could not restart sandbox actor");
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(err) => {
-                            tracing::error!(sandbox.id = %id, error = %err, "could not reload sandbox row");
-                        }
-                    }
+                    state.args.metrics.actor_restarts.inc();
+                    self.restart_sandbox(&myself, state, &id, &error.to_string())
+                        .await;
                 } else if let Some((generation, conn)) = &state.connection {
                     if conn.get_id() == cell.get_id() {
+                        // Its pending requests failed with it (their reply
+                        // ports dropped); the agent redials.
                         tracing::error!(host.id = %state.args.host_id, %error, "connection actor failed");
+                        state.args.metrics.actor_restarts.inc();
                         let generation = *generation;
-                        self.disconnected(state, generation).await;
+                        self.disconnected(&myself, state, generation).await;
                     }
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Hands a command to the current connection, or fails it at once.
+fn dispatch(
+    state: &HostActorState,
+    payload: pb::control_message::Payload,
+    timeout: Duration,
+    reply: RpcReplyPort<HostReply>,
+) {
+    match &state.connection {
+        Some((_, conn)) => {
+            if let Err(ractor::MessagingErr::SendErr(ConnMsg::Request { reply, .. })) =
+                conn.cast(ConnMsg::Request {
+                    payload,
+                    timeout,
+                    reply,
+                })
+            {
+                let _ = reply.send(Err(CorralError::HostDisconnected));
+            }
+        }
+        None => {
+            let _ = reply.send(Err(CorralError::HostUnavailable));
+        }
+    }
+}
+
+/// What to do with a container the host reports that no live sandbox actor
+/// of this host accounts for, given its row (if any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unaccounted {
+    /// A live sandbox of this host whose actor is missing: start its actor.
+    Adopt,
+    /// Unknown, destroyed, or placed on another host: an orphan.
+    Orphan,
+}
+
+pub fn classify_unaccounted(row: Option<&sandbox::Model>, host_id: &str) -> Unaccounted {
+    match row {
+        Some(row)
+            if row.host_id.as_deref() == Some(host_id)
+                && row.state != SandboxState::Destroyed.as_str() =>
+        {
+            Unaccounted::Adopt
+        }
+        _ => Unaccounted::Orphan,
     }
 }
 
@@ -249,7 +345,6 @@ impl HostActor {
         .await
         .map_err(|e| CorralError::Internal(format!("spawn connection: {e}")))?;
         state.connection = Some((state.generation, conn.clone()));
-        state.last_heartbeat = Some(Instant::now());
         let _ = state.args.scheduler.cast(SchedulerMsg::HostUp {
             host_id: host_id.clone(),
             allocatable: Resources {
@@ -258,8 +353,65 @@ impl HostActor {
             },
         });
         tracing::info!(host.id = %host_id, generation = state.generation, runtime = %registration.runtime, "host connected");
+        self.reconcile(myself, state, inventory, Instant::now())
+            .await;
+        Ok(conn)
+    }
 
-        // Reconcile what the host holds with what we believe it holds.
+    /// Asks the connected host for its inventory; the answer comes back as
+    /// [`HostMsg::Inventory`]. At most one request is in flight.
+    fn request_inventory(&self, myself: &ActorRef<HostMsg>, state: &mut HostActorState) {
+        let Some((generation, _)) = state.connection.as_ref() else {
+            return;
+        };
+        if state.inventory_in_flight {
+            return;
+        }
+        state.inventory_in_flight = true;
+        let generation = *generation;
+        let as_of = Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        dispatch(
+            state,
+            pb::control_message::Payload::Inventory(pb::InventoryRequest {}),
+            state.args.timeouts.destroy,
+            tx.into(),
+        );
+        let myself = myself.clone();
+        let host_id = state.args.host_id.clone();
+        tokio::spawn(async move {
+            let sandboxes = match rx.await {
+                Ok(Ok(pb::reply::Result::Inventory(inventory))) => inventory.sandboxes,
+                Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                    tracing::debug!(host.id = %host_id, "no inventory this round");
+                    // Still answer, so the next round is not blocked; a stale
+                    // generation is ignored.
+                    let _ = myself.cast(HostMsg::Inventory {
+                        generation: u64::MAX,
+                        as_of,
+                        sandboxes: Vec::new(),
+                    });
+                    return;
+                }
+            };
+            let _ = myself.cast(HostMsg::Inventory {
+                generation,
+                as_of,
+                sandboxes,
+            });
+        });
+    }
+
+    /// Compares what the host holds with what the control plane believes it
+    /// holds, both ways.
+    async fn reconcile(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        inventory: Vec<pb::SandboxStatus>,
+        as_of: Instant,
+    ) {
+        let host_id = state.args.host_id.clone();
         let mut reported: HashMap<String, pb::SandboxStatus> = inventory
             .into_iter()
             .map(|s| (s.sandbox_id.clone(), s))
@@ -273,22 +425,91 @@ impl HostActor {
             let _ = sandbox.cast(SandboxMsg::Observed {
                 status,
                 reason: "inventory".into(),
+                as_of,
             });
         }
-        for unknown in reported.keys() {
-            tracing::warn!(host.id = %host_id, sandbox.id = %unknown, "host holds a sandbox the control plane does not track");
+        // What is left has no actor here: adopt it or treat it as an orphan.
+        let now = Instant::now();
+        let mut new_orphans = false;
+        state.orphans.retain(|id, _| reported.contains_key(id));
+        for id in reported.keys() {
+            if state.orphans.contains_key(id) || state.collecting.contains_key(id) {
+                continue;
+            }
+            let row = match state.args.store.get_sandbox_any_org(id).await {
+                Ok(row) => row,
+                Err(err) => {
+                    tracing::warn!(host.id = %host_id, error = %err, "cannot check an unaccounted container now");
+                    continue;
+                }
+            };
+            match classify_unaccounted(row.as_ref(), &host_id) {
+                Unaccounted::Adopt => {
+                    if let Some(row) = row {
+                        if let Err(err) = self.spawn_sandbox(myself, state, row, false, None).await
+                        {
+                            tracing::error!(host.id = %host_id, sandbox.id = %id, error = %err, "could not start the actor of a known sandbox");
+                        }
+                    }
+                }
+                Unaccounted::Orphan => {
+                    tracing::warn!(host.id = %host_id, sandbox.id = %id, grace = ?state.args.timeouts.orphan_grace, "the host holds a container the control plane does not account for");
+                    state.args.metrics.drift_orphans.inc();
+                    state.orphans.insert(id.clone(), now);
+                    new_orphans = true;
+                }
+            }
         }
-        Ok(conn)
+        if new_orphans {
+            // Look again when they are due, not only at the next round.
+            myself.send_after(state.args.timeouts.orphan_grace, || HostMsg::ReconcileTick);
+        }
+        self.collect_orphans(myself, state);
     }
 
-    async fn disconnected(&self, state: &mut HostActorState, generation: u64) {
+    /// Destroys orphans that outlived their grace.
+    fn collect_orphans(&self, myself: &ActorRef<HostMsg>, state: &mut HostActorState) {
+        let grace = state.args.timeouts.orphan_grace;
+        let due: Vec<String> = state
+            .orphans
+            .iter()
+            .filter(|(id, seen)| seen.elapsed() >= grace && !state.collecting.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            state.collecting.insert(id.clone(), Instant::now());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            dispatch(
+                state,
+                pb::control_message::Payload::Destroy(pb::DestroySandbox {
+                    sandbox_id: id.clone(),
+                }),
+                state.args.timeouts.destroy,
+                tx.into(),
+            );
+            let myself = myself.clone();
+            tokio::spawn(async move {
+                let ok = matches!(rx.await, Ok(Ok(_)));
+                let _ = myself.cast(HostMsg::OrphanCollected { sandbox_id: id, ok });
+            });
+        }
+    }
+
+    async fn disconnected(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        generation: u64,
+    ) {
         let current = matches!(&state.connection, Some((g, _)) if *g == generation);
         if !current {
             return;
         }
         state.connection = None;
+        state.inventory_in_flight = false;
+        state.collecting.clear();
         let host_id = state.args.host_id.clone();
-        tracing::warn!(host.id = %host_id, generation, "host disconnected");
+        tracing::warn!(host.id = %host_id, generation, grace = ?state.args.timeouts.offline_grace, "host disconnected");
         let _ = state.args.scheduler.cast(SchedulerMsg::HostDown {
             host_id: host_id.clone(),
         });
@@ -300,6 +521,79 @@ impl HostActor {
         {
             tracing::error!(host.id = %host_id, error = %err, "could not record the disconnect");
         }
+        myself.send_after(state.args.timeouts.offline_grace, move || {
+            HostMsg::OfflineDeadline { generation }
+        });
+    }
+
+    /// The grace ran out: the host is `offline` and its sandboxes `lost`.
+    async fn offline(&self, state: &mut HostActorState) {
+        let host_id = state.args.host_id.clone();
+        match state.args.store.get_host(&host_id).await {
+            Ok(Some(row)) if row.state == HostState::Offline.as_str() => {}
+            Ok(_) => {
+                tracing::warn!(host.id = %host_id, "host offline: its grace ran out");
+                state.args.metrics.hosts_offline.inc();
+                if let Err(err) = state
+                    .args
+                    .store
+                    .set_host_state(&host_id, HostState::Offline)
+                    .await
+                {
+                    tracing::error!(host.id = %host_id, error = %err, "could not record the host offline");
+                }
+            }
+            Err(err) => {
+                tracing::error!(host.id = %host_id, error = %err, "could not read the host row");
+            }
+        }
+        for sandbox in state.sandboxes.values() {
+            let _ = sandbox.cast(SandboxMsg::HostOffline);
+        }
+    }
+
+    async fn restart_sandbox(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        id: &str,
+        error: &str,
+    ) {
+        let row = match state.args.store.get_sandbox_any_org(id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(err) => {
+                // Without its row it cannot be restarted now; the next
+                // inventory round adopts it again.
+                tracing::error!(sandbox.id = %id, error = %err, "could not reload a failed sandbox actor's row");
+                return;
+            }
+        };
+        if state
+            .restarts
+            .allow_restart(&id.to_string(), Instant::now())
+        {
+            tracing::error!(sandbox.id = %id, %error, "sandbox actor failed; restarting it from its row");
+            if let Err(err) = self.spawn_sandbox(myself, state, row, false, None).await {
+                tracing::error!(sandbox.id = %id, error = %err, "could not restart sandbox actor");
+            }
+            return;
+        }
+        // Restarting does not help: give this sandbox up rather than take
+        // the host down with it. Its actor is gone, so this is the last write.
+        tracing::error!(sandbox.id = %id, %error, "sandbox actor keeps failing; marking the sandbox failed");
+        let mut row = row;
+        row.state = SandboxState::Failed.as_str().to_string();
+        row.failure_reason = Some(
+            "the control plane could not manage this sandbox (its actor failed repeatedly)".into(),
+        );
+        row.updated_at = chrono::Utc::now();
+        if let Err(err) = state.args.store.save_sandbox(row).await {
+            tracing::error!(sandbox.id = %id, error = %err, "could not mark the sandbox failed");
+        }
+        let _ = state.args.scheduler.cast(SchedulerMsg::Release {
+            sandbox_id: id.to_string(),
+        });
     }
 
     async fn spawn_sandbox(
@@ -314,8 +608,10 @@ impl HostActor {
         if let Some(existing) = state.sandboxes.get(&id) {
             return Ok(existing.clone());
         }
+        let name = names::sandbox(&state.args.prefix, &id);
+        super::await_name_free(&name).await;
         let (actor, _) = ractor::Actor::spawn_linked(
-            Some(names::sandbox(&state.args.prefix, &id)),
+            Some(name),
             SandboxActor,
             SandboxArgs {
                 row,
@@ -324,6 +620,7 @@ impl HostActor {
                 host: myself.clone(),
                 scheduler: state.args.scheduler.clone(),
                 timeouts: state.args.timeouts.clone(),
+                metrics: state.args.metrics.clone(),
                 waiter,
             },
             myself.get_cell(),
@@ -339,5 +636,57 @@ impl HostActor {
         state.by_actor.insert(actor.get_id(), id.clone());
         state.sandboxes.insert(id, actor.clone());
         Ok(actor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(host: &str, state: SandboxState) -> sandbox::Model {
+        let now = chrono::Utc::now();
+        sandbox::Model {
+            id: "sbx_1".into(),
+            org_id: "org_1".into(),
+            host_id: Some(host.into()),
+            name: None,
+            image: "busybox".into(),
+            command: serde_json::json!([]),
+            env: serde_json::json!({}),
+            labels: serde_json::json!({}),
+            workdir: None,
+            cpu_millis: 100,
+            memory_mb: 64,
+            ttl_seconds: None,
+            state: state.as_str().into(),
+            desired_state: "running".into(),
+            failure_reason: None,
+            exit_code: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn unknown_destroyed_or_foreign_containers_are_orphans() {
+        assert_eq!(classify_unaccounted(None, "h1"), Unaccounted::Orphan);
+        assert_eq!(
+            classify_unaccounted(Some(&row("h1", SandboxState::Destroyed)), "h1"),
+            Unaccounted::Orphan
+        );
+        assert_eq!(
+            classify_unaccounted(Some(&row("h2", SandboxState::Running)), "h1"),
+            Unaccounted::Orphan
+        );
+        assert_eq!(
+            classify_unaccounted(Some(&row("h1", SandboxState::Running)), "h1"),
+            Unaccounted::Adopt
+        );
+        assert_eq!(
+            classify_unaccounted(Some(&row("h1", SandboxState::Lost)), "h1"),
+            Unaccounted::Adopt
+        );
     }
 }

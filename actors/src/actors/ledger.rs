@@ -36,6 +36,9 @@ pub enum LedgerMsg {
     Summary(RpcReplyPort<LedgerSummary>),
     /// May this org start new work?
     AuthorizeCreate(RpcReplyPort<Result<(), CorralError>>),
+    /// Fault injection for the supervision tests: panic in the handler.
+    #[doc(hidden)]
+    InjectPanic,
 }
 
 pub struct LedgerArgs {
@@ -127,6 +130,7 @@ impl Actor for LedgerActor {
             LedgerMsg::Summary(reply) => {
                 let _ = reply.send(state.summary());
             }
+            LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org_id),
             LedgerMsg::AuthorizeCreate(reply) => {
                 let result = match state.status {
                     BillingStatus::Suspended => Err(CorralError::InvalidState(

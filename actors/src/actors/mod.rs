@@ -20,6 +20,7 @@ pub mod ledger;
 pub mod root;
 pub mod sandbox;
 pub mod scheduler;
+pub mod supervision;
 
 use std::time::Duration;
 
@@ -33,6 +34,21 @@ pub struct Timeouts {
     /// Added to an exec's own timeout for the reply to come back.
     pub exec_margin: Duration,
     pub heartbeat_interval: Duration,
+    /// How long a disconnected host keeps its sandboxes before it is
+    /// `offline` and they are `lost`. A partition shorter than this loses
+    /// nothing.
+    pub offline_grace: Duration,
+    /// How often a connected host's inventory is compared with the database
+    /// (both directions), besides every (re)connect.
+    pub reconcile_interval: Duration,
+    /// How long a container the database does not know (or knows as
+    /// destroyed) may stay on a host before it is destroyed.
+    pub orphan_grace: Duration,
+    /// The longest a sandbox may stay in a transitional state (`creating`,
+    /// `starting`, `stopping`, `destroying`) while its host is reachable;
+    /// past it, the step is given up: `failed` with a reason (or `destroyed`
+    /// for a destroy, whose leftovers the orphan collector removes).
+    pub transition_deadline: Duration,
 }
 
 impl Default for Timeouts {
@@ -44,7 +60,23 @@ impl Default for Timeouts {
             destroy: Duration::from_secs(30),
             exec_margin: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(2),
+            offline_grace: Duration::from_secs(60),
+            reconcile_interval: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(60),
+            transition_deadline: Duration::from_secs(600),
         }
+    }
+}
+
+/// Waits (briefly) until no actor is registered under `name`: a killed
+/// actor leaves the registry a moment after its supervisor hears of it, and
+/// its replacement takes the same name.
+pub(crate) async fn await_name_free(name: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while ractor::registry::where_is(name.to_string()).is_some()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

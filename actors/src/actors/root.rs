@@ -8,6 +8,7 @@ use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
 use super::ledger::{OrgsArgs, OrgsMsg, OrgsSupervisor};
 use super::scheduler::{Scheduler, SchedulerMsg};
 use super::{names, Timeouts};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -25,6 +26,7 @@ pub struct RootArgs {
     pub store: Store,
     pub timeouts: Timeouts,
     pub prefix: String,
+    pub metrics: Metrics,
 }
 
 pub struct RootSupervisor;
@@ -64,6 +66,7 @@ impl Actor for RootSupervisor {
                 scheduler: scheduler.clone(),
                 timeouts: args.timeouts,
                 prefix: args.prefix,
+                metrics: args.metrics,
             },
             myself.get_cell(),
         )

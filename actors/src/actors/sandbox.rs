@@ -10,9 +10,16 @@
 //! in place and schedules another attempt; a definite refusal from the host
 //! (an unknown image, a runtime error on create) fails the sandbox with a
 //! reason. Execs run beside the mailbox: they do not change the lifecycle.
+//!
+//! It also enforces what no request asks for: the TTL (a timer at
+//! `expires_at` sets the desired state to destroyed), the deadline of every
+//! transitional state (`transition_deadline`), and what the host reports on
+//! its own (exits, absences, a sandbox that comes back after its host was
+//! offline). Observations older than the actor's last change are stale and
+//! ignored, so an inventory taken before a step finished cannot undo it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use corral_proto::pb;
@@ -24,6 +31,7 @@ use super::scheduler::SchedulerMsg;
 use super::Timeouts;
 use crate::domain::{DesiredState, ExecOutcome, ExecSpec, SandboxState};
 use crate::error::{CorralError, HostErrorCode};
+use crate::metrics::Metrics;
 use crate::store::{sandbox, Store};
 
 pub type SandboxReply = Result<sandbox::Model, CorralError>;
@@ -40,13 +48,22 @@ pub enum SandboxMsg {
         spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
     },
-    /// The host reported this sandbox's status (event or inventory).
+    /// The host reported this sandbox's status (event or inventory), as it
+    /// was at `as_of`.
     Observed {
         status: pb::SandboxStatus,
         reason: String,
+        as_of: Instant,
     },
+    /// The host's offline grace ran out.
+    HostOffline,
+    /// The TTL timer fired.
+    Expire,
     /// The row as the actor holds it.
     Get(RpcReplyPort<sandbox::Model>),
+    /// Fault injection for the supervision tests: panic in the handler.
+    #[doc(hidden)]
+    InjectPanic,
 }
 
 pub struct SandboxArgs {
@@ -57,6 +74,7 @@ pub struct SandboxArgs {
     pub host: ActorRef<HostMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
     pub timeouts: Timeouts,
+    pub metrics: Metrics,
     /// Answered with the outcome of the first convergence (the creator
     /// waiting for "running").
     pub waiter: Option<RpcReplyPort<SandboxReply>>,
@@ -68,6 +86,12 @@ pub struct SandboxActorState {
     host: ActorRef<HostMsg>,
     scheduler: ActorRef<SchedulerMsg>,
     timeouts: Timeouts,
+    metrics: Metrics,
+    /// When the actor last changed the row: observations taken before it
+    /// are stale.
+    last_change: Instant,
+    /// Since when the sandbox has been in its current transitional state.
+    transition_since: Option<Instant>,
     /// Consecutive host faults, for the retry backoff.
     faults: u32,
     retry_scheduled: bool,
@@ -153,12 +177,21 @@ impl Actor for SandboxActor {
         } else {
             args.row
         };
+        // A transitional state loaded from the database started when the
+        // row was last written, not now: a restart does not reset its clock.
+        let transition_since = state_of(&row).is_transitional().then(|| {
+            let age = (Utc::now() - row.updated_at).to_std().unwrap_or_default();
+            Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+        });
         Ok(SandboxActorState {
             row,
             store: args.store,
             host: args.host,
             scheduler: args.scheduler,
             timeouts: args.timeouts,
+            metrics: args.metrics,
+            last_change: Instant::now(),
+            transition_since,
             faults: 0,
             retry_scheduled: false,
             waiter: args.waiter,
@@ -173,6 +206,10 @@ impl Actor for SandboxActor {
         // Start converging at once; the creator, if waiting, gets the
         // outcome of this very attempt.
         let _ = myself.cast(SandboxMsg::Converge(state.waiter.take()));
+        if let Some(expires_at) = state.row.expires_at {
+            let delay = (expires_at - Utc::now()).to_std().unwrap_or_default();
+            myself.send_after(delay, || SandboxMsg::Expire);
+        }
         Ok(())
     }
 
@@ -198,9 +235,18 @@ impl Actor for SandboxActor {
                 let _ = reply.send(result);
             }
             SandboxMsg::Exec { spec, reply } => self.exec(state, spec, reply),
-            SandboxMsg::Observed { status, reason } => {
-                self.observe(&myself, state, status, &reason).await
+            SandboxMsg::Observed {
+                status,
+                reason,
+                as_of,
+            } => {
+                if as_of >= state.last_change {
+                    self.observe(&myself, state, status, &reason).await;
+                }
             }
+            SandboxMsg::HostOffline => self.host_offline(state).await,
+            SandboxMsg::Expire => self.expire(&myself, state).await,
+            SandboxMsg::InjectPanic => panic!("injected fault in sandbox {}", state.row.id),
             SandboxMsg::Get(reply) => {
                 let _ = reply.send(state.row.clone());
             }
@@ -249,7 +295,11 @@ impl SandboxActor {
             let span = tracing::info_span!("sandbox.step", sandbox.id = %state.row.id, ?step);
             if let Err(err) = self.take_step(state, step).instrument(span).await {
                 if err.is_host_fault() {
-                    self.schedule_retry(myself, state);
+                    if self.transition_expired(state) {
+                        self.give_up(state, step, &err).await;
+                    } else {
+                        self.schedule_retry(myself, state);
+                    }
                 }
                 return Err(err);
             }
@@ -427,8 +477,9 @@ impl SandboxActor {
         });
     }
 
-    /// Applies a status the host reported on its own. Only settled phases
-    /// are taken; a sandbox in the middle of a step is left to that step.
+    /// Applies a status the host reported (an event, or an inventory taken
+    /// after the actor's last change). Transitional states are left to
+    /// their step, which converging retries.
     async fn observe(
         &self,
         myself: &ActorRef<SandboxMsg>,
@@ -441,32 +492,194 @@ impl SandboxActor {
         };
         let current = state_of(&state.row);
         let mut row = state.row.clone();
-        match (current, observed) {
-            (SandboxState::Running, SandboxState::Stopped) => {
-                // The main process ended by itself. Sandboxes have no restart
-                // policy yet: it stays stopped until someone starts it.
+        match observation(current, observed) {
+            Observation::Agrees | Observation::Transitional => {
+                if next_step(current, desired_of(&row)).is_some() && !state.retry_scheduled {
+                    let _ = myself.cast(SandboxMsg::Converge(None));
+                }
+                return;
+            }
+            Observation::ExitedOnItsOwn => {
+                // Sandboxes have no restart policy: it stays stopped until
+                // someone starts it, unless its TTL ran out (then it goes).
                 tracing::info!(sandbox.id = %row.id, %reason, exit_code = ?status.exit_code, "sandbox stopped on its own");
                 row.state = SandboxState::Stopped.as_str().to_string();
                 row.desired_state = DesiredState::Stopped.as_str().to_string();
                 row.exit_code = status.exit_code;
+                if reason == "ttl" || is_expired(&row) {
+                    row.desired_state = DesiredState::Destroyed.as_str().to_string();
+                }
             }
-            (SandboxState::Running | SandboxState::Stopped, SandboxState::Destroyed) => {
+            Observation::Vanished => {
                 tracing::warn!(sandbox.id = %row.id, %reason, "sandbox vanished from its host");
+                state.metrics.drift_lost.inc();
                 row.state = SandboxState::Lost.as_str().to_string();
-                row.failure_reason = Some(format!("the host no longer has it ({reason})"));
+                row.failure_reason = Some(format!("its host no longer has it ({reason})"));
             }
-            _ => {
-                // Inventory on (re)connect: converge from what is known.
-                let _ = myself.cast(SandboxMsg::Converge(None));
+            Observation::Differs => {
+                tracing::warn!(sandbox.id = %row.id, recorded = %current, %observed, "the host reports another state; taking it");
+                state.metrics.drift_corrected.inc();
+                row.state = observed.as_str().to_string();
+                if observed == SandboxState::Stopped {
+                    row.exit_code = status.exit_code;
+                }
+            }
+            Observation::CameBack => {
+                if !self.readmit(state).await {
+                    return;
+                }
+                tracing::info!(sandbox.id = %row.id, %observed, "a lost sandbox is back on its host");
+                state.metrics.drift_corrected.inc();
+                row.state = observed.as_str().to_string();
+                row.failure_reason = None;
+            }
+            Observation::Unaccounted => {
+                // A failed or lost sandbox that cannot be taken back still
+                // has a container: remove it; the row stays as it is.
+                self.discard_on_host(state);
                 return;
             }
+            Observation::Nothing => return,
         }
-        let lost = state_of(&row) == SandboxState::Lost;
+        let released = !state_of(&row).holds_capacity() && current.holds_capacity();
         if let Err(err) = self.persist(state, row).await {
             tracing::error!(sandbox.id = %state.row.id, error = %err, "could not persist an observed state");
-        } else if lost {
+            return;
+        }
+        if released {
             self.release(state);
         }
+        if next_step(state_of(&state.row), desired_of(&state.row)).is_some() {
+            let _ = myself.cast(SandboxMsg::Converge(None));
+        }
+    }
+
+    /// Takes a lost sandbox back if its reservation can be had again on its
+    /// host; otherwise its container is destroyed and it stays lost.
+    async fn readmit(&self, state: &mut SandboxActorState) -> bool {
+        let Some(host_id) = state.row.host_id.clone() else {
+            return false;
+        };
+        let resources = crate::domain::Resources {
+            cpu_millis: u64::try_from(state.row.cpu_millis).unwrap_or(0),
+            memory_mb: u64::try_from(state.row.memory_mb).unwrap_or(0),
+        };
+        let sandbox_id = state.row.id.clone();
+        let admitted = matches!(
+            state
+                .scheduler
+                .call(
+                    |reply| SchedulerMsg::Readmit {
+                        sandbox_id,
+                        host_id,
+                        resources,
+                        reply,
+                    },
+                    Some(Duration::from_secs(10)),
+                )
+                .await,
+            Ok(ractor::rpc::CallResult::Success(true))
+        );
+        if !admitted {
+            tracing::warn!(sandbox.id = %state.row.id, "a lost sandbox came back but its room was given away; destroying its container");
+            let mut row = state.row.clone();
+            row.failure_reason =
+                Some("its host came back after its capacity was given to other sandboxes".into());
+            if self.persist(state, row).await.is_ok() {
+                self.discard_on_host(state);
+            }
+        }
+        admitted
+    }
+
+    /// The host's offline grace ran out: whatever it held is lost, and a
+    /// sandbox being destroyed is destroyed (the host's orphan collection
+    /// removes what is left when it returns).
+    async fn host_offline(&self, state: &mut SandboxActorState) {
+        let current = state_of(&state.row);
+        if matches!(
+            current,
+            SandboxState::Failed | SandboxState::Lost | SandboxState::Destroyed
+        ) {
+            return;
+        }
+        let mut row = state.row.clone();
+        if desired_of(&row) == DesiredState::Destroyed {
+            row.state = SandboxState::Destroyed.as_str().to_string();
+        } else {
+            state.metrics.drift_lost.inc();
+            row.state = SandboxState::Lost.as_str().to_string();
+            row.failure_reason = Some("its host went offline".into());
+        }
+        match self.persist(state, row).await {
+            Ok(_) => self.release(state),
+            Err(err) => {
+                tracing::error!(sandbox.id = %state.row.id, error = %err, "could not record the host offline")
+            }
+        }
+    }
+
+    /// The TTL ran out: the sandbox is to be destroyed.
+    async fn expire(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        if !is_expired(&state.row) || desired_of(&state.row) == DesiredState::Destroyed {
+            return;
+        }
+        tracing::info!(sandbox.id = %state.row.id, "TTL ran out; destroying the sandbox");
+        state.metrics.ttl_expired.inc();
+        let mut row = state.row.clone();
+        row.desired_state = DesiredState::Destroyed.as_str().to_string();
+        if let Err(err) = self.persist(state, row).await {
+            tracing::error!(sandbox.id = %state.row.id, error = %err, "could not record the TTL expiry; retrying");
+            myself.send_after(Duration::from_secs(1), || SandboxMsg::Expire);
+            return;
+        }
+        let _ = myself.cast(SandboxMsg::Converge(None));
+    }
+
+    fn transition_expired(&self, state: &SandboxActorState) -> bool {
+        state
+            .transition_since
+            .is_some_and(|since| since.elapsed() >= state.timeouts.transition_deadline)
+    }
+
+    /// A step kept failing past the transitional deadline: stop retrying.
+    async fn give_up(&self, state: &mut SandboxActorState, step: Step, err: &CorralError) {
+        state.metrics.transitions_expired.inc();
+        let mut row = state.row.clone();
+        let waited = state.timeouts.transition_deadline.as_secs();
+        if step == Step::Destroy {
+            row.state = SandboxState::Destroyed.as_str().to_string();
+            row.failure_reason = Some(format!(
+                "its host did not confirm the destroy within {waited} s ({err}); \
+                 the host removes it when it next reports it"
+            ));
+        } else {
+            row.failure_reason = Some(format!(
+                "{} did not finish within {waited} s: {err}",
+                state_of(&row)
+            ));
+            row.state = SandboxState::Failed.as_str().to_string();
+        }
+        tracing::warn!(sandbox.id = %row.id, ?step, "transitional state past its deadline; giving up");
+        if self.persist(state, row).await.is_ok() {
+            self.release(state);
+            if step != Step::Destroy {
+                self.discard_on_host(state);
+            }
+        }
+    }
+
+    /// Best-effort destroy of the sandbox's container, without changing the
+    /// row (whatever remains is an orphan for the host's collector).
+    fn discard_on_host(&self, state: &SandboxActorState) {
+        let host = state.host.clone();
+        let payload = pb::control_message::Payload::Destroy(pb::DestroySandbox {
+            sandbox_id: state.row.id.clone(),
+        });
+        let timeout = state.timeouts.destroy;
+        tokio::spawn(async move {
+            let _ = send_to_host(&host, payload, timeout).await;
+        });
     }
 
     async fn persist(
@@ -475,7 +688,13 @@ impl SandboxActor {
         mut row: sandbox::Model,
     ) -> Result<sandbox::Model, CorralError> {
         row.updated_at = Utc::now();
+        let before = state_of(&state.row);
         let saved = state.store.save_sandbox(row).await?;
+        let after = state_of(&saved);
+        if after != before {
+            state.last_change = Instant::now();
+            state.transition_since = after.is_transitional().then(Instant::now);
+        }
         state.row = saved.clone();
         Ok(saved)
     }
@@ -496,6 +715,53 @@ impl SandboxActor {
             .saturating_mul(1 << state.faults.min(6))
             .min(Duration::from_secs(30));
         myself.send_after(backoff, || SandboxMsg::Converge(None));
+    }
+}
+
+fn is_expired(row: &sandbox::Model) -> bool {
+    row.expires_at.is_some_and(|t| t <= Utc::now())
+}
+
+/// How a host's report relates to the recorded state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// The host agrees with the record.
+    Agrees,
+    /// A step is (or was) under way: converging finishes it.
+    Transitional,
+    /// The main process of a running sandbox ended by itself.
+    ExitedOnItsOwn,
+    /// The host does not have a sandbox recorded as present.
+    Vanished,
+    /// A settled state other than the recorded one: take the host's word.
+    Differs,
+    /// A lost sandbox is present again.
+    CameBack,
+    /// A failed or lost sandbox still has a container it cannot keep.
+    Unaccounted,
+    /// Nothing to do (an absent sandbox that is failed, lost or destroyed).
+    Nothing,
+}
+
+/// The pure decision behind [`SandboxActor::observe`].
+pub fn observation(recorded: SandboxState, observed: SandboxState) -> Observation {
+    use SandboxState as S;
+    let present = observed != S::Destroyed;
+    match (recorded, observed) {
+        (S::Destroyed, _) => Observation::Nothing,
+        (S::Failed, _) if present => Observation::Unaccounted,
+        (S::Lost, S::Running | S::Stopped) => Observation::CameBack,
+        (S::Lost, _) if present => Observation::Unaccounted,
+        (S::Failed | S::Lost, _) => Observation::Nothing,
+        (r, _) if r.is_transitional() || matches!(r, S::Pending | S::Scheduled) => {
+            Observation::Transitional
+        }
+        (r, o) if r == o => Observation::Agrees,
+        (S::Running, S::Stopped) => Observation::ExitedOnItsOwn,
+        (_, S::Destroyed) => Observation::Vanished,
+        // Created but never started: converging starts it again.
+        (_, S::Creating) => Observation::Transitional,
+        _ => Observation::Differs,
     }
 }
 
@@ -552,6 +818,24 @@ mod tests {
         assert_eq!(next_step(S::Failed, D::Destroyed), Some(Step::Destroy));
         assert_eq!(next_step(S::Failed, D::Running), None);
         assert_eq!(next_step(S::Destroyed, D::Destroyed), None);
+    }
+
+    #[test]
+    fn observations_are_classified() {
+        use Observation as O;
+        assert_eq!(observation(S::Running, S::Running), O::Agrees);
+        assert_eq!(observation(S::Running, S::Stopped), O::ExitedOnItsOwn);
+        assert_eq!(observation(S::Running, S::Destroyed), O::Vanished);
+        assert_eq!(observation(S::Stopped, S::Destroyed), O::Vanished);
+        assert_eq!(observation(S::Stopped, S::Running), O::Differs);
+        assert_eq!(observation(S::Creating, S::Destroyed), O::Transitional);
+        assert_eq!(observation(S::Stopping, S::Running), O::Transitional);
+        assert_eq!(observation(S::Lost, S::Running), O::CameBack);
+        assert_eq!(observation(S::Lost, S::Stopped), O::CameBack);
+        assert_eq!(observation(S::Lost, S::Destroyed), O::Nothing);
+        assert_eq!(observation(S::Failed, S::Running), O::Unaccounted);
+        assert_eq!(observation(S::Failed, S::Destroyed), O::Nothing);
+        assert_eq!(observation(S::Destroyed, S::Running), O::Nothing);
     }
 
     #[test]

@@ -122,6 +122,14 @@ pub enum SchedulerMsg {
         host_id: String,
         resources: Resources,
     },
+    /// Take back a sandbox that returned on `host_id` after it was lost:
+    /// reserve for it there if it still fits; answers whether it did.
+    Readmit {
+        sandbox_id: String,
+        host_id: String,
+        resources: Resources,
+        reply: RpcReplyPort<bool>,
+    },
     /// A host registered (again) with this much allocatable capacity.
     HostUp {
         host_id: String,
@@ -203,6 +211,22 @@ impl Actor for Scheduler {
                 host_id,
                 resources,
             } => state.reserve(sandbox_id, host_id, resources),
+            SchedulerMsg::Readmit {
+                sandbox_id,
+                host_id,
+                resources,
+                reply,
+            } => {
+                let already = state.reservations.contains_key(&sandbox_id);
+                let fits = state
+                    .hosts
+                    .get(&host_id)
+                    .is_some_and(|h| resources.fits_in(h.free()));
+                if !already && fits {
+                    state.reserve(sandbox_id, host_id, resources);
+                }
+                let _ = reply.send(already || fits);
+            }
             SchedulerMsg::HostUp {
                 host_id,
                 allocatable,
