@@ -650,6 +650,9 @@ struct Observed {
     image: String,
     /// The table's sequence number when a command last set it.
     changed_at: u64,
+    /// A command (or the watchdog) stopped it and has reported that: an exit
+    /// code learnt afterwards is no news, not an "exited" event.
+    stopped_by_command: bool,
 }
 
 /// The last-seen phase of every sandbox, which the poll diffs against to
@@ -690,6 +693,7 @@ impl PhaseTable {
                 exit_code: s.exit_code,
                 image: s.image.clone(),
                 changed_at,
+                stopped_by_command: false,
             },
         );
     }
@@ -715,7 +719,12 @@ impl PhaseTable {
             }
         }
         match status {
-            Some(s) => self.record(s, self.seq),
+            Some(s) => {
+                self.record(s, self.seq);
+                if let Some(o) = self.sandboxes.get_mut(id) {
+                    o.stopped_by_command = s.phase == Phase::Stopped;
+                }
+            }
             // A failed command may still have changed something: make the
             // next poll's view the new baseline rather than an event.
             None => {
@@ -761,9 +770,11 @@ impl PhaseTable {
                         _ => "changed",
                     };
                     // A change of exit code alone (it was learnt late) is
-                    // worth telling only while stopped.
+                    // worth telling only while stopped, and only when the
+                    // stop was not already reported by a command's reply or
+                    // a "ttl" event.
                     let only_code = o.phase == s.phase;
-                    if !only_code || s.phase == Phase::Stopped {
+                    if !only_code || (s.phase == Phase::Stopped && !o.stopped_by_command) {
                         events.push((s.clone(), reason));
                     }
                     self.record(s, since);
@@ -870,6 +881,25 @@ mod tests {
         assert!(t
             .observe(&[status("a", Phase::Stopped, None)], t.seq())
             .is_empty());
+    }
+
+    #[test]
+    fn an_exit_code_learnt_after_a_commanded_stop_is_not_an_exit() {
+        let mut t = PhaseTable::from_inventory(&[status("a", Phase::Running, None)]);
+        t.begin_command("a");
+        t.finish_command("a", Some(&status("a", Phase::Stopped, None)));
+        // The process runtime's reaper records the code a little later.
+        assert!(t
+            .observe(&[status("a", Phase::Stopped, Some(143))], t.seq())
+            .is_empty());
+        // Started again by hand and exiting on its own is news again.
+        assert_eq!(
+            t.observe(&[status("a", Phase::Running, None)], t.seq())[0].1,
+            "changed"
+        );
+        let events = t.observe(&[status("a", Phase::Stopped, Some(1))], t.seq());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1, "exited");
     }
 
     #[test]
