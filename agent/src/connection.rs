@@ -11,14 +11,17 @@
 //!   sandbox phases the poll diffs against;
 //! - bounded command concurrency: a command runs only if it gets a permit of
 //!   the agent-wide semaphore at once, otherwise it is answered `BUSY` right
-//!   away — never queued without bound, never dropped silently.
+//!   away — never queued without bound, never dropped silently;
+//! - the [`SessionLink`]: the agent-wide handle on the current session (if
+//!   any) through which the TTL watchdog, which outlives sessions, marks its
+//!   stops in the session's phase table and reports them as "ttl" events.
 //!
 //! A session ending drops its pending replies, not its sandboxes: runtime
 //! calls already started run to completion (aborting a create half way would
 //! leave debris), and running sandboxes are never touched by a disconnect or
 //! an agent restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,10 +87,12 @@ impl Backoff {
     }
 }
 
-/// Runs sessions until `shutdown` resolves.
+/// Runs sessions until `shutdown` resolves. `link` is where the current
+/// session is published for work that outlives sessions (the watchdog).
 pub async fn run(
     config: AgentConfig,
     runtime: Arc<dyn Runtime>,
+    link: Arc<SessionLink>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     // Refuse a token that cannot be a header before dialing anything: that
@@ -103,7 +108,7 @@ pub async fn run(
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     tokio::pin!(shutdown);
     loop {
-        let session = run_session(&config, &auth, &runtime, &permits, &mut backoff);
+        let session = run_session(&config, &auth, &runtime, &link, &permits, &mut backoff);
         tokio::select! {
             _ = &mut shutdown => {
                 tracing::info!("shutting down the agent connection");
@@ -140,6 +145,7 @@ async fn run_session(
     config: &AgentConfig,
     auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     runtime: &Arc<dyn Runtime>,
+    link: &Arc<SessionLink>,
     permits: &Arc<Semaphore>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
@@ -157,12 +163,18 @@ async fn run_session(
         .with_context(|| format!("dialing {}", config.control_plane_url))?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
 
+    let (tx, rx) =
+        mpsc::channel::<pb::AgentMessage>(config.max_concurrent_commands + OUTBOUND_SLACK);
+    // Attached before the inventory is listed, so a watchdog stop that ends
+    // after the listing lands in this session's table and is reported here
+    // (held until the RegisterAck, as nothing may precede the Register).
+    let table = Arc::new(Mutex::new(PhaseTable::default()));
+    let attached = link.attach(table.clone(), tx.clone());
     let inventory = runtime
         .list()
         .await
         .map_err(|e| anyhow!("listing the runtime's sandboxes for registration: {e}"))?;
-    let (tx, rx) =
-        mpsc::channel::<pb::AgentMessage>(config.max_concurrent_commands + OUTBOUND_SLACK);
+    lock(&table).seed(&inventory);
     let register = pb::Register {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         hostname: config.hostname.clone(),
@@ -212,8 +224,8 @@ async fn run_session(
         "registered with the control plane"
     );
     backoff.reset();
+    attached.registered().await;
 
-    let table = Arc::new(Mutex::new(PhaseTable::from_inventory(&inventory)));
     let heartbeat_every = match ack.heartbeat_interval_ms {
         0 => DEFAULT_HEARTBEAT,
         ms => Duration::from_millis(u64::from(ms)),
@@ -465,6 +477,171 @@ async fn poll_events(
     }
 }
 
+/// The agent-wide link between the TTL watchdog (which runs for the life of
+/// the agent) and the session connected at the moment, if any.
+///
+/// A watchdog stop is a change nobody on the stream commanded, but it is
+/// not the sandbox exiting on its own either: while it runs, the sandbox is
+/// "in flight" in the session's phase table exactly like a command (so the
+/// poll skips it), and when it has stopped the sandbox it is reported once
+/// as a `SandboxEvent` with reason "ttl". A session attached while a stop is
+/// under way inherits the in-flight mark; with no session, nothing is
+/// queued (the next Register's inventory carries the outcome).
+#[derive(Debug, Default)]
+pub struct SessionLink {
+    state: Mutex<LinkState>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    next_session: u64,
+    current: Option<Attached>,
+    /// Sandboxes the watchdog is stopping right now.
+    stopping: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Attached {
+    session: u64,
+    table: Arc<Mutex<PhaseTable>>,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    /// False until the RegisterAck: events wait in `held` until then, since
+    /// the Register must be the first message on the stream.
+    registered: bool,
+    held: Vec<pb::SandboxEvent>,
+}
+
+/// A session's attachment to the [`SessionLink`]; detaches when dropped.
+pub struct AttachedSession {
+    link: Arc<SessionLink>,
+    session: u64,
+}
+
+impl SessionLink {
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `table` and `tx` the current session's (replacing any other):
+    /// stops under way are marked in flight in `table` at once.
+    pub fn attach(
+        self: &Arc<Self>,
+        table: Arc<Mutex<PhaseTable>>,
+        tx: mpsc::Sender<pb::AgentMessage>,
+    ) -> AttachedSession {
+        let mut state = self.state();
+        state.next_session += 1;
+        let session = state.next_session;
+        {
+            let mut t = lock(&table);
+            for id in &state.stopping {
+                t.begin_command(id);
+            }
+        }
+        state.current = Some(Attached {
+            session,
+            table,
+            tx,
+            registered: false,
+            held: Vec::new(),
+        });
+        AttachedSession {
+            link: self.clone(),
+            session,
+        }
+    }
+
+    /// Marks `id` as being stopped by the watchdog. False when it already
+    /// is (the earlier stop is still under way): the caller must not stop it
+    /// again.
+    pub fn begin_ttl_stop(&self, id: &str) -> bool {
+        let mut state = self.state();
+        if !state.stopping.insert(id.to_string()) {
+            return false;
+        }
+        if let Some(current) = &state.current {
+            lock(&current.table).begin_command(id);
+        }
+        true
+    }
+
+    /// Ends a watchdog stop begun with [`SessionLink::begin_ttl_stop`].
+    /// `stopped` is the sandbox's status when the watchdog did stop it
+    /// (`None` when it failed or found nothing to do): then the session, if
+    /// any, gets one "ttl" event.
+    pub async fn finish_ttl_stop(&self, id: &str, stopped: Option<&SandboxStatus>) {
+        let send = {
+            let mut state = self.state();
+            state.stopping.remove(id);
+            let Some(current) = state.current.as_mut() else {
+                return;
+            };
+            lock(&current.table).finish_command(id, stopped);
+            let Some(status) = stopped else {
+                return;
+            };
+            let event = pb::SandboxEvent {
+                status: Some(pb::SandboxStatus::from(status)),
+                reason: "ttl".to_string(),
+            };
+            if !current.registered {
+                current.held.push(event);
+                return;
+            }
+            (current.tx.clone(), event)
+        };
+        send_event(&send.0, send.1).await;
+    }
+
+    /// Sandboxes the watchdog is stopping right now.
+    pub fn ttl_stops_in_flight(&self) -> usize {
+        self.state().stopping.len()
+    }
+}
+
+impl AttachedSession {
+    /// The session is registered: events may flow, starting with those held.
+    pub async fn registered(&self) {
+        let flush = {
+            let mut state = self.link.state();
+            match state.current.as_mut() {
+                Some(current) if current.session == self.session => {
+                    current.registered = true;
+                    Some((current.tx.clone(), std::mem::take(&mut current.held)))
+                }
+                _ => None,
+            }
+        };
+        if let Some((tx, held)) = flush {
+            for event in held {
+                send_event(&tx, event).await;
+            }
+        }
+    }
+}
+
+impl Drop for AttachedSession {
+    fn drop(&mut self) {
+        let mut state = self.link.state();
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.session == self.session)
+        {
+            state.current = None;
+        }
+    }
+}
+
+/// Sends an event on a session's queue; a closed queue means the session
+/// ended, and the next Register's inventory carries the outcome instead.
+async fn send_event(tx: &mpsc::Sender<pb::AgentMessage>, event: pb::SandboxEvent) {
+    if let Some(status) = &event.status {
+        tracing::info!(sandbox.id = %status.sandbox_id, reason = %event.reason, "reporting a sandbox event");
+    }
+    let _ = tx.send(envelope(0, None, AgentPayload::Event(event))).await;
+}
+
 /// The last phase the agent reported for a sandbox.
 #[derive(Debug, Clone)]
 struct Observed {
@@ -473,11 +650,15 @@ struct Observed {
     image: String,
     /// The table's sequence number when a command last set it.
     changed_at: u64,
+    /// A command (or the watchdog) stopped it and has reported that: an exit
+    /// code learnt afterwards is no news, not an "exited" event.
+    stopped_by_command: bool,
 }
 
 /// The last-seen phase of every sandbox, which the poll diffs against to
-/// find changes the runtime made on its own. Command results update it, and
-/// sandboxes with a command in flight are left to that command, so a stop
+/// find changes the runtime made on its own. Command results (and the TTL
+/// watchdog's stops, through the [`SessionLink`]) update it, and sandboxes
+/// with a command or a watchdog stop in flight are left to it, so a stop
 /// does not also come back as an "exited" event.
 #[derive(Debug, Default)]
 pub struct PhaseTable {
@@ -489,10 +670,19 @@ pub struct PhaseTable {
 impl PhaseTable {
     pub fn from_inventory(inventory: &[SandboxStatus]) -> Self {
         let mut table = Self::default();
-        for s in inventory {
-            table.record(s, 0);
-        }
+        table.seed(inventory);
         table
+    }
+
+    /// Adds the sandboxes of a listing it does not know yet, as the
+    /// baseline; entries a command (or the watchdog) recorded since it was
+    /// made are newer and are kept.
+    pub fn seed(&mut self, inventory: &[SandboxStatus]) {
+        for s in inventory {
+            if !self.sandboxes.contains_key(&s.id) {
+                self.record(s, 0);
+            }
+        }
     }
 
     fn record(&mut self, s: &SandboxStatus, changed_at: u64) {
@@ -503,6 +693,7 @@ impl PhaseTable {
                 exit_code: s.exit_code,
                 image: s.image.clone(),
                 changed_at,
+                stopped_by_command: false,
             },
         );
     }
@@ -528,7 +719,12 @@ impl PhaseTable {
             }
         }
         match status {
-            Some(s) => self.record(s, self.seq),
+            Some(s) => {
+                self.record(s, self.seq);
+                if let Some(o) = self.sandboxes.get_mut(id) {
+                    o.stopped_by_command = s.phase == Phase::Stopped;
+                }
+            }
             // A failed command may still have changed something: make the
             // next poll's view the new baseline rather than an event.
             None => {
@@ -574,9 +770,11 @@ impl PhaseTable {
                         _ => "changed",
                     };
                     // A change of exit code alone (it was learnt late) is
-                    // worth telling only while stopped.
+                    // worth telling only while stopped, and only when the
+                    // stop was not already reported by a command's reply or
+                    // a "ttl" event.
                     let only_code = o.phase == s.phase;
-                    if !only_code || s.phase == Phase::Stopped {
+                    if !only_code || (s.phase == Phase::Stopped && !o.stopped_by_command) {
                         events.push((s.clone(), reason));
                     }
                     self.record(s, since);
@@ -621,6 +819,7 @@ mod tests {
             phase,
             exit_code,
             image: "busybox".into(),
+            expires_at: None,
         }
     }
 
@@ -685,6 +884,25 @@ mod tests {
     }
 
     #[test]
+    fn an_exit_code_learnt_after_a_commanded_stop_is_not_an_exit() {
+        let mut t = PhaseTable::from_inventory(&[status("a", Phase::Running, None)]);
+        t.begin_command("a");
+        t.finish_command("a", Some(&status("a", Phase::Stopped, None)));
+        // The process runtime's reaper records the code a little later.
+        assert!(t
+            .observe(&[status("a", Phase::Stopped, Some(143))], t.seq())
+            .is_empty());
+        // Started again by hand and exiting on its own is news again.
+        assert_eq!(
+            t.observe(&[status("a", Phase::Running, None)], t.seq())[0].1,
+            "changed"
+        );
+        let events = t.observe(&[status("a", Phase::Stopped, Some(1))], t.seq());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1, "exited");
+    }
+
+    #[test]
     fn a_vanished_sandbox_is_reported_but_a_destroyed_one_is_not() {
         let mut t = PhaseTable::from_inventory(&[
             status("a", Phase::Running, None),
@@ -714,6 +932,94 @@ mod tests {
             t.observe(&[], t.seq()).is_empty(),
             "no vanished event after a destroy"
         );
+    }
+
+    fn ttl_events(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> Vec<pb::SandboxEvent> {
+        let mut events = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let Some(AgentPayload::Event(e)) = m.payload {
+                events.push(e);
+            }
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn a_watchdog_stop_is_one_ttl_event_and_not_an_exit() {
+        let link = Arc::new(SessionLink::default());
+        let table = Arc::new(Mutex::new(PhaseTable::from_inventory(&[status(
+            "a",
+            Phase::Running,
+            None,
+        )])));
+        let (tx, mut rx) = mpsc::channel(16);
+        let attached = link.attach(table.clone(), tx);
+        attached.registered().await;
+
+        // A poll starts, the watchdog stops the sandbox while it lists.
+        let since = lock(&table).seq();
+        assert!(link.begin_ttl_stop("a"));
+        assert!(!link.begin_ttl_stop("a"), "one stop per sandbox at a time");
+        assert!(lock(&table)
+            .observe(&[status("a", Phase::Stopped, None)], since)
+            .is_empty());
+        link.finish_ttl_stop("a", Some(&status("a", Phase::Stopped, None)))
+            .await;
+        let events = ttl_events(&mut rx);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reason, "ttl");
+        assert_eq!(
+            events[0].status.as_ref().map(|s| s.phase),
+            Some(pb::SandboxPhase::Stopped as i32)
+        );
+        // Neither a stale listing nor a fresh one turns it into an exit.
+        assert!(lock(&table)
+            .observe(&[status("a", Phase::Running, None)], since)
+            .is_empty());
+        let now = lock(&table).seq();
+        assert!(lock(&table)
+            .observe(&[status("a", Phase::Stopped, None)], now)
+            .is_empty());
+        assert_eq!(link.ttl_stops_in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn ttl_events_wait_for_the_register_ack_and_die_with_their_session() {
+        let link = Arc::new(SessionLink::default());
+        assert!(link.begin_ttl_stop("a"));
+        // A session attaches while the stop is under way: it inherits the
+        // in-flight mark, and the event waits for its registration.
+        let table = Arc::new(Mutex::new(PhaseTable::default()));
+        let (tx, mut rx) = mpsc::channel(16);
+        let attached = link.attach(table.clone(), tx);
+        lock(&table).seed(&[status("a", Phase::Running, None)]);
+        let since = lock(&table).seq();
+        assert!(lock(&table)
+            .observe(&[status("a", Phase::Stopped, None)], since)
+            .is_empty());
+        link.finish_ttl_stop("a", Some(&status("a", Phase::Stopped, None)))
+            .await;
+        assert!(ttl_events(&mut rx).is_empty(), "held until registered");
+        attached.registered().await;
+        let events = ttl_events(&mut rx);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].reason, "ttl");
+
+        // With no session, a stop is not queued anywhere.
+        drop(attached);
+        assert!(link.begin_ttl_stop("b"));
+        link.finish_ttl_stop("b", Some(&status("b", Phase::Stopped, None)))
+            .await;
+        assert!(ttl_events(&mut rx).is_empty());
+
+        // A stop that found nothing to do is no event at all.
+        let (tx, mut rx) = mpsc::channel(16);
+        let table = Arc::new(Mutex::new(PhaseTable::default()));
+        let attached = link.attach(table, tx);
+        attached.registered().await;
+        assert!(link.begin_ttl_stop("c"));
+        link.finish_ttl_stop("c", None).await;
+        assert!(ttl_events(&mut rx).is_empty());
     }
 
     #[tokio::test]

@@ -1,12 +1,13 @@
 //! The in-memory runtime for tests and fleet-scale simulation. It keeps a
 //! table of sandboxes and their phases, with configurable latency and random
 //! failure injection, and test helpers to look inside and to make a sandbox
-//! exit on its own (so the agent's poll loop reports an event). Cloning the
-//! handle shares the table.
+//! exit on its own (so the agent's poll loop reports an event). Each
+//! sandbox's spec, its TTL deadline included, is kept with it in memory.
+//! Cloning the handle shares the table.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -51,6 +52,7 @@ impl FakeSandbox {
             phase: self.phase,
             exit_code: self.exit_code,
             image: self.spec.image.clone(),
+            expires_at: self.spec.expires_at,
         }
     }
 }
@@ -249,6 +251,27 @@ impl Runtime for FakeRuntime {
             .map(FakeSandbox::status)
             .collect())
     }
+
+    async fn stop_if_overdue(
+        &self,
+        id: &str,
+        now: SystemTime,
+        margin: Duration,
+        _grace: Duration,
+    ) -> Result<Option<SandboxStatus>, RuntimeError> {
+        validate_sandbox_id(id)?;
+        self.delay_and_maybe_fail().await?;
+        // The check and the change happen under one lock of the table, so
+        // no command can come in between.
+        let mut state = self.state();
+        match state.sandboxes.get_mut(id) {
+            Some(s) if s.status().is_overdue(now, margin) => {
+                s.phase = Phase::Stopped;
+                Ok(Some(s.status()))
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +405,58 @@ mod tests {
         assert_eq!(listed[0].phase, Phase::Stopped);
         assert_eq!(listed[0].exit_code, Some(7));
         assert!(!rt.simulate_exit("sbx_nope", 1));
+    }
+
+    #[tokio::test]
+    async fn only_an_overdue_running_sandbox_is_stopped_by_the_ttl_stop() {
+        let rt = FakeRuntime::new(FakeConfig::default());
+        let now = SystemTime::now();
+        let mut expired = spec("sbx_ttl");
+        expired.expires_at = Some(now - Duration::from_secs(60));
+        rt.create(&expired).await.expect("create");
+        rt.create(&spec("sbx_forever")).await.expect("create");
+        let listed = rt.list().await.expect("list");
+        assert_eq!(
+            listed
+                .iter()
+                .find(|s| s.id == "sbx_ttl")
+                .map(|s| s.expires_at),
+            Some(expired.expires_at),
+            "the deadline is listed"
+        );
+        let margin = Duration::from_secs(30);
+        let none = rt
+            .stop_if_overdue("sbx_forever", now, margin, Duration::ZERO)
+            .await
+            .expect("no ttl");
+        assert_eq!(none, None);
+        assert_eq!(
+            rt.stop_if_overdue("sbx_ttl", now, Duration::from_secs(120), Duration::ZERO)
+                .await
+                .expect("inside the margin"),
+            None
+        );
+        assert_eq!(rt.phase("sbx_ttl"), Some(Phase::Running));
+        let stopped = rt
+            .stop_if_overdue("sbx_ttl", now, margin, Duration::ZERO)
+            .await
+            .expect("overdue")
+            .expect("stopped");
+        assert_eq!(stopped.phase, Phase::Stopped);
+        assert_eq!(stopped.expires_at, expired.expires_at);
+        assert_eq!(
+            rt.stop_if_overdue("sbx_ttl", now, margin, Duration::ZERO)
+                .await
+                .expect("already stopped"),
+            None,
+            "a stopped sandbox is left alone"
+        );
+        assert_eq!(
+            rt.stop_if_overdue("sbx_nope", now, margin, Duration::ZERO)
+                .await
+                .expect("absent"),
+            None
+        );
     }
 
     #[tokio::test]

@@ -5,11 +5,14 @@
 //!   conversions;
 //! - [`runc`], [`process`], [`fake`]: the runtimes;
 //! - [`images`]: the image store (root filesystems);
-//! - [`connection`]: the dial-out loop, command dispatch, heartbeats, events.
+//! - [`connection`]: the dial-out loop, command dispatch, heartbeats, events;
+//! - [`watchdog`]: the TTL backstop that stops sandboxes past their deadline
+//!   (plus a margin) for the whole life of the agent, connected or not.
 //!
 //! The agent holds no state of its own beyond its credentials: the runtime
-//! is the source of truth, so an agent restart loses nothing and never stops
-//! a sandbox.
+//! is the source of truth (TTL deadlines included), so an agent restart loses
+//! nothing and never stops a sandbox by itself; only the watchdog stops
+//! sandboxes, and only those past their TTL.
 
 pub mod connection;
 mod exec_io;
@@ -18,9 +21,12 @@ pub mod images;
 pub mod process;
 pub mod runc;
 pub mod runtime;
+pub mod watchdog;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use watchdog::WatchdogConfig;
 
 /// How the agent reaches the control plane and what it offers.
 #[derive(Debug, Clone)]
@@ -53,14 +59,43 @@ impl Default for AgentConfig {
     }
 }
 
-/// Runs until `shutdown` resolves; reconnects forever with backoff (base
-/// 200 ms, cap 5 s, full jitter; reset after a successful register). Returns
-/// an error only for a configuration that can never work (an empty token or
-/// one that cannot be a header).
+/// [`run_agent_with`] with the default watchdog settings (a 30 s TTL margin,
+/// a 10 s stop grace).
 pub async fn run_agent(
     config: AgentConfig,
     runtime: Arc<dyn runtime::Runtime>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    connection::run(config, runtime, shutdown).await
+    run_agent_with(config, WatchdogConfig::default(), runtime, shutdown).await
+}
+
+/// Runs until `shutdown` resolves; reconnects forever with backoff (base
+/// 200 ms, cap 5 s, full jitter; reset after a successful register), and
+/// runs the TTL watchdog every `config.poll_interval` throughout, whether a
+/// control plane is reachable or not. Returns an error only for a
+/// configuration that can never work (an empty token or one that cannot be
+/// a header).
+pub async fn run_agent_with(
+    config: AgentConfig,
+    watchdog: WatchdogConfig,
+    runtime: Arc<dyn runtime::Runtime>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let link = Arc::new(connection::SessionLink::default());
+    let _watchdog = AbortOnDrop(tokio::spawn(watchdog::run(
+        runtime.clone(),
+        link.clone(),
+        watchdog,
+        config.poll_interval,
+    )));
+    connection::run(config, runtime, link, shutdown).await
+}
+
+/// Ends a background task when the agent returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -13,7 +13,7 @@ use corral_agent::fake::{FakeConfig, FakeRuntime};
 use corral_agent::process::ProcessRuntime;
 use corral_agent::runc::RuncRuntime;
 use corral_agent::runtime::Runtime;
-use corral_agent::{images, AgentConfig};
+use corral_agent::{images, AgentConfig, WatchdogConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "corral-agent", version, about = "The Corral host agent")]
@@ -86,9 +86,18 @@ struct RunArgs {
     hostname: Option<String>,
     #[arg(long, default_value_t = 64)]
     max_concurrent_commands: usize,
-    /// How often the runtime is polled for changes, in milliseconds.
+    /// How often the runtime is polled for changes (and for sandboxes past
+    /// their TTL), in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_interval_ms: u64,
+    /// How long past a sandbox's TTL the agent waits before stopping it
+    /// itself (a backstop: the control plane normally acts first).
+    #[arg(long, env = "CORRAL_AGENT_TTL_MARGIN_SECS", default_value_t = 30)]
+    ttl_margin_secs: u64,
+    /// Grace between SIGTERM and SIGKILL when the agent stops a sandbox past
+    /// its TTL.
+    #[arg(long, env = "CORRAL_AGENT_TTL_STOP_GRACE_SECS", default_value_t = 10)]
+    ttl_stop_grace_secs: u64,
     /// Fake runtime: latency added to every command, in milliseconds.
     #[arg(long, default_value_t = 0)]
     fake_latency_ms: u64,
@@ -239,7 +248,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_concurrent_commands: args.max_concurrent_commands.max(1),
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
     };
-    corral_agent::run_agent(config, runtime, shutdown_signal()).await?;
+    let watchdog = WatchdogConfig {
+        ttl_margin: Duration::from_secs(args.ttl_margin_secs),
+        stop_grace: Duration::from_secs(args.ttl_stop_grace_secs),
+    };
+    tracing::info!(
+        ttl_margin = ?watchdog.ttl_margin,
+        stop_grace = ?watchdog.stop_grace,
+        "the TTL watchdog stops sandboxes past their TTL plus the margin"
+    );
+    corral_agent::run_agent_with(config, watchdog, runtime, shutdown_signal()).await?;
     tracing::info!("agent stopped; sandboxes keep running");
     Ok(())
 }
@@ -373,6 +391,24 @@ mod tests {
         ])
         .expect("run parses");
         assert!(matches!(cli.command, Command::Run(ref a) if a.runtime == RuntimeKind::Fake));
+        assert!(
+            matches!(cli.command, Command::Run(ref a) if a.ttl_margin_secs == 30 && a.ttl_stop_grace_secs == 10),
+            "TTL defaults"
+        );
+        let cli = Cli::try_parse_from([
+            "corral-agent",
+            "run",
+            "--token",
+            "t",
+            "--ttl-margin-secs",
+            "5",
+            "--ttl-stop-grace-secs",
+            "2",
+        ])
+        .expect("ttl flags parse");
+        assert!(
+            matches!(cli.command, Command::Run(ref a) if a.ttl_margin_secs == 5 && a.ttl_stop_grace_secs == 2)
+        );
         let cli = Cli::try_parse_from([
             "corral-agent",
             "image",

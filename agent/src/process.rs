@@ -2,8 +2,9 @@
 //! of the agent, with NO isolation (development only; it registers as not
 //! isolated and warns at start).
 //!
-//! Owns `<data_dir>/processes/<id>/`: `meta.json` (the spec, the pid and the
-//! process's start time, and its exit code once the agent saw it exit) and the
+//! Owns `<data_dir>/processes/<id>/`: `meta.json` (the spec with its TTL
+//! deadline, the pid and the process's start time, and its exit code once
+//! the agent saw it exit) and the
 //! main process's `stdout.log` / `stderr.log`; the process runs with that
 //! directory as its working directory unless the spec names one. Each main
 //! process leads its own process group (so signals reach its children and a
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use nix::sys::signal::{kill, killpg, Signal};
@@ -98,6 +99,7 @@ impl ProcessRuntime {
             },
             exit_code: if running { None } else { meta.exit_code },
             image: meta.spec.image.clone(),
+            expires_at: meta.spec.expires_at,
         }
     }
 
@@ -204,6 +206,30 @@ impl ProcessRuntime {
                 "sandbox {} (pid {}) did not die after SIGKILL",
                 meta.spec.id, meta.pid
             )))
+        }
+    }
+
+    /// [`Runtime::stop`] with the sandbox's lock already held.
+    async fn stop_locked(&self, id: &str, grace: Duration) -> Result<SandboxStatus, RuntimeError> {
+        let (meta, status) = self.current(id)?;
+        if status.phase != Phase::Running {
+            return Ok(status);
+        }
+        Self::signal(&meta, Signal::SIGTERM);
+        if !Self::wait_dead(&meta, grace).await {
+            tracing::info!(sandbox.id = %id, ?grace, "still running after the grace period; killing");
+            Self::kill_now(&meta).await?;
+        }
+        // The reaper records the exit code right after the process dies;
+        // give it a moment so the reply carries it.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            let (meta, status) = self.current(id)?;
+            if meta.exit_code.is_some() || tokio::time::Instant::now() >= deadline {
+                tracing::info!(sandbox.id = %id, exit_code = ?status.exit_code, "sandbox stopped");
+                return Ok(status);
+            }
+            tokio::time::sleep(STOP_POLL).await;
         }
     }
 }
@@ -337,25 +363,23 @@ impl Runtime for ProcessRuntime {
     async fn stop(&self, id: &str, grace: Duration) -> Result<SandboxStatus, RuntimeError> {
         validate_sandbox_id(id)?;
         let _guard = self.locks.lock(id).await;
-        let (meta, status) = self.current(id)?;
-        if status.phase != Phase::Running {
-            return Ok(status);
-        }
-        Self::signal(&meta, Signal::SIGTERM);
-        if !Self::wait_dead(&meta, grace).await {
-            tracing::info!(sandbox.id = %id, ?grace, "still running after the grace period; killing");
-            Self::kill_now(&meta).await?;
-        }
-        // The reaper records the exit code right after the process dies;
-        // give it a moment so the reply carries it.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        loop {
-            let (meta, status) = self.current(id)?;
-            if meta.exit_code.is_some() || tokio::time::Instant::now() >= deadline {
-                tracing::info!(sandbox.id = %id, exit_code = ?status.exit_code, "sandbox stopped");
-                return Ok(status);
+        self.stop_locked(id, grace).await
+    }
+
+    async fn stop_if_overdue(
+        &self,
+        id: &str,
+        now: SystemTime,
+        margin: Duration,
+        grace: Duration,
+    ) -> Result<Option<SandboxStatus>, RuntimeError> {
+        validate_sandbox_id(id)?;
+        let _guard = self.locks.lock(id).await;
+        match self.read_meta(id)? {
+            Some(meta) if Self::status_of(&meta).is_overdue(now, margin) => {
+                self.stop_locked(id, grace).await.map(Some)
             }
-            tokio::time::sleep(STOP_POLL).await;
+            _ => Ok(None),
         }
     }
 

@@ -10,7 +10,8 @@
 //!   `stdout.log` / `stderr.log`.
 //!
 //! The container id is the sandbox id. Labels live in the bundle's
-//! annotations (`corral.sandbox_id`, `corral.image`, `corral.label.<k>`), so
+//! annotations (`corral.sandbox_id`, `corral.image`, `corral.label.<k>`, and
+//! the TTL deadline as `corral.expires_at_unix_ms` when there is one), so
 //! runc plus the bundle directories are the whole truth: a new agent over the
 //! same data directory re-discovers everything, and an agent restart never
 //! touches a running container. runc is always run with an argument vector,
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use oci_spec::runtime::{
@@ -33,14 +34,16 @@ use serde::Deserialize;
 use crate::exec_io;
 use crate::images;
 use crate::runtime::{
-    validate_exec, validate_sandbox_id, validate_spec, ExecOutput, ExecSpec, Phase, Runtime,
-    RuntimeError, SandboxLocks, SandboxSpec, SandboxStatus,
+    expiry_from_unix_ms, expiry_to_unix_ms, validate_exec, validate_sandbox_id, validate_spec,
+    ExecOutput, ExecSpec, Phase, Runtime, RuntimeError, SandboxLocks, SandboxSpec, SandboxStatus,
 };
 
 /// Annotation keys written into every bundle.
 pub const ANNOTATION_SANDBOX_ID: &str = "corral.sandbox_id";
 pub const ANNOTATION_IMAGE: &str = "corral.image";
 pub const ANNOTATION_LABEL_PREFIX: &str = "corral.label.";
+/// The TTL deadline in Unix milliseconds; absent when the sandbox has none.
+pub const ANNOTATION_EXPIRES_AT: &str = "corral.expires_at_unix_ms";
 
 /// CFS period used for the CPU quota.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -71,6 +74,26 @@ struct RuncState {
     bundle: String,
     #[serde(default)]
     annotations: Option<HashMap<String, String>>,
+}
+
+/// What a sandbox's annotations say: its image and its TTL deadline. An
+/// unreadable deadline counts as none (and is logged): the control plane's
+/// TTL still applies.
+fn annotated(id: &str, annotations: &HashMap<String, String>) -> (String, Option<SystemTime>) {
+    let image = annotations
+        .get(ANNOTATION_IMAGE)
+        .cloned()
+        .unwrap_or_default();
+    let expires_at = annotations
+        .get(ANNOTATION_EXPIRES_AT)
+        .and_then(|v| match v.parse::<i64>() {
+            Ok(ms) => expiry_from_unix_ms(ms),
+            Err(_) => {
+                tracing::warn!(sandbox.id = %id, value = %v, "ignoring an unreadable TTL annotation");
+                None
+            }
+        });
+    (image, expires_at)
 }
 
 impl RuncState {
@@ -165,6 +188,12 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Spec, RuntimeError> {
     let mut annotations = HashMap::new();
     annotations.insert(ANNOTATION_SANDBOX_ID.to_string(), spec.id.clone());
     annotations.insert(ANNOTATION_IMAGE.to_string(), spec.image.clone());
+    match expiry_to_unix_ms(spec.expires_at) {
+        0 => {}
+        ms => {
+            annotations.insert(ANNOTATION_EXPIRES_AT.to_string(), ms.to_string());
+        }
+    }
     for (k, v) in &spec.labels {
         annotations.insert(format!("{ANNOTATION_LABEL_PREFIX}{k}"), v.clone());
     }
@@ -265,10 +294,25 @@ impl RuncRuntime {
             .map_err(|e| RuntimeError::runtime("parsing runc state", e))
     }
 
-    /// The image a bundle was made from, from its `config.json`.
-    fn bundle_image(&self, id: &str) -> Option<String> {
+    /// The annotations of a bundle's `config.json`.
+    fn bundle_annotations(&self, id: &str) -> Option<HashMap<String, String>> {
         let spec = Spec::load(self.bundle_dir(id).join("config.json")).ok()?;
-        spec.annotations().as_ref()?.get(ANNOTATION_IMAGE).cloned()
+        spec.annotations().clone()
+    }
+
+    /// The image and TTL deadline of a sandbox: from runc's copy of the
+    /// annotations when it has them, else from the bundle's config.
+    fn labels_of(&self, id: &str, state: Option<&RuncState>) -> (String, Option<SystemTime>) {
+        let from_state = state
+            .and_then(|s| s.annotations.as_ref())
+            .filter(|a| a.contains_key(ANNOTATION_IMAGE));
+        match from_state {
+            Some(a) => annotated(id, a),
+            None => self
+                .bundle_annotations(id)
+                .map(|a| annotated(id, &a))
+                .unwrap_or_default(),
+        }
     }
 
     fn has_bundle(&self, id: &str) -> bool {
@@ -283,22 +327,19 @@ impl RuncRuntime {
         id: &str,
     ) -> Result<Option<(SandboxStatus, Option<RuncState>)>, RuntimeError> {
         let state = self.state(id).await?;
-        let image = state
-            .as_ref()
-            .and_then(|s| s.annotations.as_ref())
-            .and_then(|a| a.get(ANNOTATION_IMAGE).cloned())
-            .or_else(|| self.bundle_image(id));
         let phase = match &state {
             Some(s) => s.phase(),
             None if self.has_bundle(id) => Phase::Stopped,
             None => return Ok(None),
         };
+        let (image, expires_at) = self.labels_of(id, state.as_ref());
         Ok(Some((
             SandboxStatus {
                 id: id.to_string(),
                 phase,
                 exit_code: None,
-                image: image.unwrap_or_default(),
+                image,
+                expires_at,
             },
             state,
         )))
@@ -431,6 +472,33 @@ impl RuncRuntime {
         std::fs::rename(&tmp, bundle.join("config.json"))
             .map_err(|e| RuntimeError::runtime("writing config.json", e))?;
         self.run_container(id).await
+    }
+
+    /// [`Runtime::stop`] with the sandbox's lock already held.
+    async fn stop_locked(&self, id: &str, grace: Duration) -> Result<SandboxStatus, RuntimeError> {
+        let (status, state) = self
+            .current(id)
+            .await?
+            .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
+        if status.phase == Phase::Stopped || state.is_none() {
+            return Ok(status);
+        }
+        // Errors are expected when the process exits in between.
+        let term = self.runc_output(&args(["kill", id, "TERM"])).await?;
+        if !term.status.success() {
+            tracing::debug!(sandbox.id = %id, stderr = %String::from_utf8_lossy(&term.stderr).trim(), "runc kill TERM failed");
+        }
+        if !self.wait_stopped(id, grace).await? {
+            tracing::info!(sandbox.id = %id, ?grace, "still running after the grace period; killing");
+            let _ = self.runc_output(&args(["kill", id, "KILL"])).await?;
+            if !self.wait_stopped(id, KILL_WAIT).await? {
+                return Err(RuntimeError::Runtime(format!(
+                    "sandbox {id} did not stop after SIGKILL"
+                )));
+            }
+        }
+        tracing::info!(sandbox.id = %id, "sandbox stopped");
+        self.status_or_not_found(id).await
     }
 }
 
@@ -653,29 +721,24 @@ impl Runtime for RuncRuntime {
     async fn stop(&self, id: &str, grace: Duration) -> Result<SandboxStatus, RuntimeError> {
         validate_sandbox_id(id)?;
         let _guard = self.locks.lock(id).await;
-        let (status, state) = self
-            .current(id)
-            .await?
-            .ok_or_else(|| RuntimeError::SandboxNotFound(id.to_string()))?;
-        if status.phase == Phase::Stopped || state.is_none() {
-            return Ok(status);
-        }
-        // Errors are expected when the process exits in between.
-        let term = self.runc_output(&args(["kill", id, "TERM"])).await?;
-        if !term.status.success() {
-            tracing::debug!(sandbox.id = %id, stderr = %String::from_utf8_lossy(&term.stderr).trim(), "runc kill TERM failed");
-        }
-        if !self.wait_stopped(id, grace).await? {
-            tracing::info!(sandbox.id = %id, ?grace, "still running after the grace period; killing");
-            let _ = self.runc_output(&args(["kill", id, "KILL"])).await?;
-            if !self.wait_stopped(id, KILL_WAIT).await? {
-                return Err(RuntimeError::Runtime(format!(
-                    "sandbox {id} did not stop after SIGKILL"
-                )));
+        self.stop_locked(id, grace).await
+    }
+
+    async fn stop_if_overdue(
+        &self,
+        id: &str,
+        now: SystemTime,
+        margin: Duration,
+        grace: Duration,
+    ) -> Result<Option<SandboxStatus>, RuntimeError> {
+        validate_sandbox_id(id)?;
+        let _guard = self.locks.lock(id).await;
+        match self.current(id).await? {
+            Some((status, _)) if status.is_overdue(now, margin) => {
+                self.stop_locked(id, grace).await.map(Some)
             }
+            _ => Ok(None),
         }
-        tracing::info!(sandbox.id = %id, "sandbox stopped");
-        self.status_or_not_found(id).await
     }
 
     async fn destroy(&self, id: &str) -> Result<SandboxStatus, RuntimeError> {
@@ -761,12 +824,7 @@ impl Runtime for RuncRuntime {
                     tracing::warn!(container = %s.id, bundle = %s.bundle, "ignoring a container with a foreign id");
                     continue;
                 }
-                let image = s
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_IMAGE).cloned())
-                    .or_else(|| self.bundle_image(&s.id))
-                    .unwrap_or_default();
+                let (image, expires_at) = self.labels_of(&s.id, Some(&s));
                 found.insert(
                     s.id.clone(),
                     SandboxStatus {
@@ -774,6 +832,7 @@ impl Runtime for RuncRuntime {
                         phase: s.phase(),
                         exit_code: None,
                         image,
+                        expires_at,
                     },
                 );
             }
@@ -790,7 +849,7 @@ impl Runtime for RuncRuntime {
                 {
                     continue;
                 }
-                let image = self.bundle_image(&id).unwrap_or_default();
+                let (image, expires_at) = self.labels_of(&id, None);
                 found.insert(
                     id.clone(),
                     SandboxStatus {
@@ -798,6 +857,7 @@ impl Runtime for RuncRuntime {
                         phase: Phase::Stopped,
                         exit_code: None,
                         image,
+                        expires_at,
                     },
                 );
             }
@@ -825,6 +885,7 @@ mod tests {
             memory_mb: 64,
             labels,
             hostname: None,
+            expires_at: None,
         }
     }
 
@@ -890,6 +951,10 @@ mod tests {
             annotations.get("corral.label.team").map(String::as_str),
             Some("infra")
         );
+        assert!(
+            !annotations.contains_key(ANNOTATION_EXPIRES_AT),
+            "no TTL, no annotation"
+        );
 
         // It round-trips through JSON as runc reads it.
         let json = serde_json::to_string(&oci).expect("serialise");
@@ -917,6 +982,27 @@ mod tests {
             Path::new("/")
         );
         assert_eq!(oci.hostname().as_deref(), Some("custom"));
+    }
+
+    #[test]
+    fn the_ttl_deadline_is_an_annotation_that_reads_back() {
+        let mut s = spec();
+        s.expires_at = expiry_from_unix_ms(1_700_000_000_123);
+        let oci = oci_config(&s).expect("config");
+        let annotations = oci.annotations().clone().expect("annotations");
+        assert_eq!(
+            annotations
+                .get("corral.expires_at_unix_ms")
+                .map(String::as_str),
+            Some("1700000000123")
+        );
+        assert_eq!(
+            annotated("sbx_0123", &annotations),
+            ("busybox".to_string(), s.expires_at)
+        );
+        let mut garbled = annotations;
+        garbled.insert(ANNOTATION_EXPIRES_AT.into(), "soon".into());
+        assert_eq!(annotated("sbx_0123", &garbled).1, None);
     }
 
     #[test]

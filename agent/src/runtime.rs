@@ -1,12 +1,18 @@
 //! The `Runtime` trait every sandbox runtime implements, the plain Rust types
 //! it speaks (spec, phase, status, exec input and output, error), the
 //! validation of everything that reaches a file system path or an argument
-//! vector (sandbox ids, image names, env, argv), and the one place where those
-//! types are converted to and from the protocol's `pb` types.
+//! vector (sandbox ids, image names, env, argv), the per-sandbox locks that
+//! serialise lifecycle work inside a runtime, the TTL test every runtime and
+//! the watchdog share ([`SandboxStatus::is_overdue`]), and the one place where
+//! those types are converted to and from the protocol's `pb` types.
+//!
+//! A sandbox's TTL deadline is an `Option<SystemTime>` (`expires_at`, `None`
+//! = no TTL) in the spec and the status; on the wire it is Unix milliseconds
+//! with 0 meaning none ([`expiry_from_unix_ms`], [`expiry_to_unix_ms`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use corral_proto::pb;
@@ -44,6 +50,11 @@ pub struct SandboxSpec {
     pub labels: BTreeMap<String, String>,
     /// `None` means the sandbox id (cut to 63 characters).
     pub hostname: Option<String>,
+    /// When the sandbox's TTL runs out; `None` means no TTL. Every runtime
+    /// persists it with the sandbox and reports it in [`SandboxStatus`], so
+    /// the agent's watchdog finds it again after an agent restart.
+    #[serde(default)]
+    pub expires_at: Option<SystemTime>,
 }
 
 impl SandboxSpec {
@@ -89,6 +100,8 @@ pub struct SandboxStatus {
     /// Set once the main process has exited, when the runtime knows it.
     pub exit_code: Option<i32>,
     pub image: String,
+    /// The TTL deadline the sandbox was created with; `None` means no TTL.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl SandboxStatus {
@@ -99,8 +112,36 @@ impl SandboxStatus {
             phase: Phase::Absent,
             exit_code: None,
             image: image.to_string(),
+            expires_at: None,
         }
     }
+
+    /// True when the sandbox is running and `now` is at or past its TTL
+    /// deadline plus `margin`. Without a TTL, or when not running (created,
+    /// stopped, absent), it is never overdue; a deadline so far away that
+    /// adding the margin overflows is never reached.
+    pub fn is_overdue(&self, now: SystemTime, margin: Duration) -> bool {
+        self.phase == Phase::Running
+            && self
+                .expires_at
+                .and_then(|at| at.checked_add(margin))
+                .is_some_and(|deadline| now >= deadline)
+    }
+}
+
+/// The protocol's TTL deadline (Unix milliseconds; 0 or less = none) as a
+/// time.
+pub fn expiry_from_unix_ms(ms: i64) -> Option<SystemTime> {
+    let ms = u64::try_from(ms).ok().filter(|ms| *ms > 0)?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// A TTL deadline in the protocol's form: Unix milliseconds, 0 for none (and
+/// for a time not after the epoch, which the protocol cannot carry).
+pub fn expiry_to_unix_ms(expires_at: Option<SystemTime>) -> i64 {
+    expires_at
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A command to run inside a running sandbox.
@@ -199,8 +240,21 @@ pub trait Runtime: Send + Sync {
     async fn destroy(&self, id: &str) -> Result<SandboxStatus, RuntimeError>;
     /// Runs a command in a running sandbox.
     async fn exec(&self, id: &str, spec: ExecSpec) -> Result<ExecOutput, RuntimeError>;
-    /// Every sandbox the runtime holds.
+    /// Every sandbox the runtime holds, each with its TTL deadline.
     async fn list(&self) -> Result<Vec<SandboxStatus>, RuntimeError>;
+    /// The TTL watchdog's stop. Holding the sandbox's lock (so a concurrent
+    /// start, stop or destroy runs wholly before or wholly after it), it
+    /// re-reads the sandbox and stops it as [`Runtime::stop`] does only if it
+    /// is still [overdue](SandboxStatus::is_overdue) at `now` with `margin`.
+    /// Returns the stopped status, or `None` when it did nothing (the sandbox
+    /// is gone, no longer running, or not overdue).
+    async fn stop_if_overdue(
+        &self,
+        id: &str,
+        now: SystemTime,
+        margin: Duration,
+        grace: Duration,
+    ) -> Result<Option<SandboxStatus>, RuntimeError>;
 }
 
 // ---------------------------------------------------------------------------
@@ -339,8 +393,9 @@ fn truncate_for_message(s: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // Per-sandbox serialisation inside a runtime: two commands for the same
-// sandbox (a create retried while the first is still running) must not
-// interleave their file system and runc steps.
+// sandbox (a create retried while the first is still running), or a command
+// and the TTL watchdog's stop, must not interleave their file system and
+// runc steps.
 
 /// A map of async locks keyed by sandbox id; entries go away when unused.
 #[derive(Debug, Default)]
@@ -403,7 +458,7 @@ impl From<&SandboxStatus> for pb::SandboxStatus {
             phase: pb::SandboxPhase::from(s.phase) as i32,
             exit_code: s.exit_code,
             image: s.image.clone(),
-            expires_at_unix_ms: 0,
+            expires_at_unix_ms: expiry_to_unix_ms(s.expires_at),
         }
     }
 }
@@ -434,6 +489,7 @@ impl From<pb::CreateSandbox> for SandboxSpec {
             memory_mb: c.memory_mb,
             labels: c.labels.into_iter().collect(),
             hostname: non_empty(c.hostname),
+            expires_at: expiry_from_unix_ms(c.expires_at_unix_ms),
         }
     }
 }
@@ -649,11 +705,38 @@ mod tests {
             phase: Phase::Stopped,
             exit_code: Some(3),
             image: "busybox".into(),
+            expires_at: expiry_from_unix_ms(1_700_000_000_123),
         };
         let p = pb::SandboxStatus::from(&s);
         assert_eq!(p.phase, pb::SandboxPhase::Stopped as i32);
         assert_eq!(p.exit_code, Some(3));
         assert_eq!(p.sandbox_id, "sbx_1");
+        assert_eq!(p.expires_at_unix_ms, 1_700_000_000_123);
+        let none = SandboxStatus::absent("sbx_1", "busybox");
+        assert_eq!(pb::SandboxStatus::from(&none).expires_at_unix_ms, 0);
+    }
+
+    #[test]
+    fn ttl_deadlines_round_trip_and_zero_or_negative_means_none() {
+        assert_eq!(expiry_from_unix_ms(0), None);
+        assert_eq!(expiry_from_unix_ms(-5), None);
+        let at = expiry_from_unix_ms(1_700_000_000_123).expect("a deadline");
+        assert_eq!(
+            at,
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            "milliseconds are exact"
+        );
+        assert_eq!(expiry_to_unix_ms(Some(at)), 1_700_000_000_123);
+        assert_eq!(expiry_to_unix_ms(None), 0);
+        assert_eq!(expiry_to_unix_ms(Some(UNIX_EPOCH)), 0);
+        let spec = SandboxSpec::from(pb::CreateSandbox {
+            sandbox_id: "sbx_1".into(),
+            expires_at_unix_ms: 1_700_000_000_123,
+            ..Default::default()
+        });
+        assert_eq!(spec.expires_at, Some(at));
+        let spec = SandboxSpec::from(pb::CreateSandbox::default());
+        assert_eq!(spec.expires_at, None);
     }
 
     #[tokio::test]

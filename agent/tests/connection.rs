@@ -2,15 +2,16 @@
 //! on loopback: registration (token, capacity, inventory), replies routed by
 //! request id with trace context copied, BUSY past the command bound, events
 //! for changes the runtime made on its own (and none for commanded ones),
-//! heartbeats, reconnection that keeps sandboxes, and shutdown.
+//! heartbeats, reconnection that keeps sandboxes, shutdown, and the TTL
+//! watchdog (with and without a control plane, reported once as "ttl").
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use corral_agent::fake::{FakeConfig, FakeRuntime};
 use corral_agent::runtime::{Phase, Runtime, SandboxSpec};
-use corral_agent::AgentConfig;
+use corral_agent::{AgentConfig, WatchdogConfig};
 use corral_proto::pb;
 use corral_proto::pb::agent_message::Payload as AgentPayload;
 use corral_proto::pb::control_message::Payload as ControlPayload;
@@ -141,6 +142,22 @@ impl RunningAgent {
         max_concurrent_commands: usize,
         runtime: &FakeRuntime,
     ) -> Self {
+        Self::start_with(
+            url,
+            token,
+            max_concurrent_commands,
+            runtime,
+            WatchdogConfig::default(),
+        )
+    }
+
+    fn start_with(
+        url: &str,
+        token: &str,
+        max_concurrent_commands: usize,
+        runtime: &FakeRuntime,
+        watchdog: WatchdogConfig,
+    ) -> Self {
         let config = AgentConfig {
             control_plane_url: url.to_string(),
             token: token.to_string(),
@@ -152,9 +169,14 @@ impl RunningAgent {
         };
         let (tx, rx) = oneshot::channel();
         let shared: Arc<dyn Runtime> = Arc::new(runtime.clone());
-        let task = tokio::spawn(corral_agent::run_agent(config, shared, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(corral_agent::run_agent_with(
+            config,
+            watchdog,
+            shared,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             shutdown: Some(tx),
             task,
@@ -562,4 +584,216 @@ async fn an_unusable_token_is_a_configuration_error() {
         .expect("returns at once instead of retrying");
         assert!(result.is_err(), "{token:?}");
     }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    i64::try_from(
+        t.duration_since(UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_millis(),
+    )
+    .expect("fits")
+}
+
+/// Polls `check` every 20 ms until it holds or the deadline passes.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Makes each marker exit in turn and reads events up to its "exited"
+/// event; returns every event read. A barrier without sleeping: the poll
+/// that reports the first marker has listed everything after the events
+/// before it, and whatever else it reports is sent before the second
+/// marker's event.
+async fn events_through_exits(
+    runtime: &FakeRuntime,
+    session: &mut Session,
+    markers: [&str; 2],
+) -> Vec<pb::SandboxEvent> {
+    let mut events = Vec::new();
+    for marker in markers {
+        assert!(runtime.simulate_exit(marker, 0), "{marker} exists");
+        events.extend(events_until_exit_of(session, marker).await);
+    }
+    events
+}
+
+/// Reads events up to and including the "exited" event of `marker`.
+async fn events_until_exit_of(session: &mut Session, marker: &str) -> Vec<pb::SandboxEvent> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_matching(session, |m| match &m.payload {
+            Some(AgentPayload::Event(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .await;
+        let done = event.reason == "exited"
+            && event
+                .status
+                .as_ref()
+                .is_some_and(|s| s.sandbox_id == marker);
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+fn is_about(event: &pb::SandboxEvent, id: &str) -> bool {
+    event.status.as_ref().is_some_and(|s| s.sandbox_id == id)
+}
+
+#[tokio::test]
+async fn the_watchdog_stops_an_expired_sandbox_with_no_control_plane_at_all() {
+    let runtime = FakeRuntime::new(FakeConfig::default());
+    let now = SystemTime::now();
+    let mut expired = spec("sbx_expired");
+    expired.expires_at = Some(now - Duration::from_secs(60));
+    runtime.create(&expired).await.expect("create");
+    let mut later = spec("sbx_later");
+    later.expires_at = Some(now + Duration::from_secs(3600));
+    runtime.create(&later).await.expect("create");
+    runtime.create(&spec("sbx_forever")).await.expect("create");
+
+    // Nothing listens on port 1: the agent only ever backs off and redials.
+    let agent = RunningAgent::start_with(
+        "http://127.0.0.1:1",
+        TOKEN,
+        64,
+        &runtime,
+        WatchdogConfig {
+            ttl_margin: Duration::from_secs(1),
+            stop_grace: Duration::ZERO,
+        },
+    );
+    eventually("the watchdog stops the expired sandbox", || {
+        runtime.phase("sbx_expired") == Some(Phase::Stopped)
+    })
+    .await;
+    assert_eq!(
+        runtime.sandbox_ids(),
+        vec![
+            "sbx_expired".to_string(),
+            "sbx_forever".into(),
+            "sbx_later".into()
+        ],
+        "the watchdog stops, it never destroys"
+    );
+    assert_eq!(runtime.phase("sbx_later"), Some(Phase::Running));
+    assert_eq!(runtime.phase("sbx_forever"), Some(Phase::Running));
+    agent.stop().await.expect("clean shutdown");
+
+    // Nothing was queued: the next registration's inventory carries the
+    // outcome (stopped, with its deadline) and no "ttl" event follows.
+    let mut cp = Harness::start(60_000).await;
+    let _agent = RunningAgent::start(&cp.url, TOKEN, 64, &runtime);
+    let mut session = cp.next_session().await;
+    let reported = session
+        .register
+        .inventory
+        .iter()
+        .find(|s| s.sandbox_id == "sbx_expired")
+        .cloned()
+        .expect("in the inventory");
+    assert_eq!(reported.phase, pb::SandboxPhase::Stopped as i32);
+    assert_eq!(
+        reported.expires_at_unix_ms,
+        unix_ms(expired.expires_at.expect("set"))
+    );
+    let events = events_through_exits(&runtime, &mut session, ["sbx_forever", "sbx_later"]).await;
+    assert!(
+        !events.iter().any(|e| is_about(e, "sbx_expired")),
+        "no event for a stop made while disconnected: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_watchdog_stop_is_reported_once_as_ttl_and_never_as_exited() {
+    let mut cp = Harness::start(60_000).await;
+    let runtime = FakeRuntime::new(FakeConfig::default());
+    let _agent = RunningAgent::start_with(
+        &cp.url,
+        TOKEN,
+        64,
+        &runtime,
+        WatchdogConfig {
+            ttl_margin: Duration::ZERO,
+            stop_grace: Duration::ZERO,
+        },
+    );
+    let mut session = cp.next_session().await;
+
+    for (i, id) in ["sbx_marker_1", "sbx_marker_2"].iter().enumerate() {
+        send(&session, 10 + i as u64, create(id, "busybox")).await;
+        reply(&mut session, 10 + i as u64).await;
+    }
+    // Due shortly after it is created, so the create reply sees it running.
+    let expires_at_unix_ms = unix_ms(SystemTime::now() + Duration::from_millis(300));
+    send(
+        &session,
+        2,
+        ControlPayload::Create(pb::CreateSandbox {
+            sandbox_id: "sbx_ttl".into(),
+            image: "busybox".into(),
+            command: vec!["sleep".into(), "600".into()],
+            expires_at_unix_ms,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let (result, _) = reply(&mut session, 2).await;
+    let pb::reply::Result::Sandbox(created) = result else {
+        panic!("expected a sandbox status, got {result:?}");
+    };
+    assert_eq!(created.phase, pb::SandboxPhase::Running as i32);
+    assert_eq!(
+        created.expires_at_unix_ms, expires_at_unix_ms,
+        "the deadline comes back in the status"
+    );
+
+    let event = next_matching(&mut session, |m| match &m.payload {
+        Some(AgentPayload::Event(e)) => Some(e.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(event.reason, "ttl", "{event:?}");
+    let status = event.status.clone().expect("status");
+    assert_eq!(status.sandbox_id, "sbx_ttl");
+    assert_eq!(status.phase, pb::SandboxPhase::Stopped as i32);
+    assert_eq!(status.expires_at_unix_ms, expires_at_unix_ms);
+    assert_eq!(runtime.phase("sbx_ttl"), Some(Phase::Stopped));
+
+    // Polls after the stop say nothing more about sbx_ttl.
+    let events =
+        events_through_exits(&runtime, &mut session, ["sbx_marker_1", "sbx_marker_2"]).await;
+    assert!(
+        !events.iter().any(|e| is_about(e, "sbx_ttl")),
+        "the watchdog stop is one ttl event, not also an exit: {events:?}"
+    );
+
+    // An inventory shows it stopped, with its deadline, still there.
+    send(
+        &session,
+        3,
+        ControlPayload::Inventory(pb::InventoryRequest {}),
+    )
+    .await;
+    let (result, _) = reply(&mut session, 3).await;
+    let pb::reply::Result::Inventory(inventory) = result else {
+        panic!("expected an inventory, got {result:?}");
+    };
+    let listed = inventory
+        .sandboxes
+        .iter()
+        .find(|s| s.sandbox_id == "sbx_ttl")
+        .expect("stopped, not destroyed");
+    assert_eq!(listed.phase, pb::SandboxPhase::Stopped as i32);
+    assert_eq!(listed.expires_at_unix_ms, expires_at_unix_ms);
 }

@@ -2,9 +2,10 @@
 //! (create, exec, stop, start, destroy), exit codes recorded by the reaper,
 //! the agent's environment kept out of sandboxes, a timed-out exec's process
 //! group killed, and an agent restart (a second runtime over the same data
-//! directory) re-discovering a running sandbox.
+//! directory) re-discovering a running sandbox, and the TTL deadline kept in
+//! meta.json for the watchdog's stop.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use corral_agent::process::ProcessRuntime;
 use corral_agent::runtime::{ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec};
@@ -278,4 +279,53 @@ async fn unknown_images_and_bad_ids_are_refused() {
         Err(RuntimeError::InvalidArgument(_))
     ));
     assert!(!tmp.path().join("escape").exists());
+}
+
+#[tokio::test]
+async fn the_ttl_deadline_is_kept_and_only_an_overdue_sandbox_is_stopped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rt = ProcessRuntime::new(tmp.path());
+    let id = unique_id("sbx_ttl");
+    let _cleanup = Cleanup(&rt, id.clone());
+    let now = SystemTime::now();
+    let expires_at = now - Duration::from_secs(10);
+    let spec = SandboxSpec {
+        id: id.clone(),
+        image: "host".into(),
+        command: vec!["sleep".into(), "600".into()],
+        expires_at: Some(expires_at),
+        ..Default::default()
+    };
+    assert_eq!(
+        rt.create(&spec).await.expect("create").expires_at,
+        Some(expires_at)
+    );
+
+    // A restarted agent reads the deadline back from meta.json.
+    let fresh = ProcessRuntime::new(tmp.path());
+    let listed = fresh.list().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].expires_at, Some(expires_at));
+
+    let inside_margin = fresh
+        .stop_if_overdue(&id, now, Duration::from_secs(60), Duration::ZERO)
+        .await
+        .expect("inside the margin");
+    assert_eq!(inside_margin, None);
+    assert_eq!(fresh.list().await.expect("list")[0].phase, Phase::Running);
+    let stopped = fresh
+        .stop_if_overdue(&id, now, Duration::from_secs(1), Duration::from_secs(5))
+        .await
+        .expect("overdue")
+        .expect("stopped");
+    assert_eq!(stopped.phase, Phase::Stopped);
+    assert_eq!(stopped.expires_at, Some(expires_at));
+    assert_eq!(
+        fresh
+            .stop_if_overdue(&id, now, Duration::from_secs(1), Duration::ZERO)
+            .await
+            .expect("already stopped"),
+        None
+    );
+    assert_eq!(rt.destroy(&id).await.expect("destroy").phase, Phase::Absent);
 }

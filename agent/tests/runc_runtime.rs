@@ -2,17 +2,19 @@
 //! the whole lifecycle (create, exec, stop, start, destroy), the limits and
 //! namespaces the sandbox really gets, exec capping and timeouts, and an
 //! agent restart (a second runtime over the same data directory)
-//! re-discovering a running sandbox.
+//! re-discovering a running sandbox, and the TTL watchdog stopping a sandbox
+//! past its deadline whose deadline survives in the container's annotations.
 //!
 //! Needs root, runc on PATH and busybox-static; without them each test says
 //! why and skips (it does not silently pass).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use corral_agent::images;
 use corral_agent::runc::RuncRuntime;
 use corral_agent::runtime::{ExecOutput, ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec};
+use corral_agent::{images, AgentConfig, WatchdogConfig};
 
 fn which(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH")?;
@@ -419,4 +421,126 @@ async fn without_overlayfs_the_rootfs_is_a_copy_with_the_same_lifecycle() {
             .exists(),
         "the image itself is untouched"
     );
+}
+
+/// `t` cut to whole milliseconds, as the protocol and the annotation keep it.
+fn to_millis(t: SystemTime) -> SystemTime {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis();
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).expect("fits"))
+}
+
+#[tokio::test]
+async fn the_watchdog_stops_a_runc_sandbox_past_its_ttl_and_the_deadline_is_persisted() {
+    let runc = match prerequisites() {
+        Ok(runc) => runc,
+        Err(reason) => {
+            eprintln!("SKIPPED: runc TTL watchdog test: {reason}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    images::build_busybox(data, None).expect("build the busybox image");
+    let rt = RuncRuntime::new(data, runc.clone());
+    let now = SystemTime::now();
+    let expired_id = unique_id("sbx_ttl");
+    let later_id = unique_id("sbx_later");
+    let _cleanup = [&expired_id, &later_id].map(|id| Cleanup {
+        runc: runc.clone(),
+        root: rt.runc_root(),
+        bundle: rt.bundle_dir(id),
+        id: id.clone(),
+    });
+    let expired_at = to_millis(now - Duration::from_secs(60));
+    let later_at = to_millis(now + Duration::from_secs(3600));
+    for (id, expires_at) in [(&expired_id, expired_at), (&later_id, later_at)] {
+        let spec = SandboxSpec {
+            id: id.clone(),
+            image: "busybox".into(),
+            command: vec!["sleep".into(), "600".into()],
+            expires_at: Some(expires_at),
+            ..Default::default()
+        };
+        let created = rt.create(&spec).await.expect("create");
+        assert_eq!(created.phase, Phase::Running);
+        assert_eq!(created.expires_at, Some(expires_at));
+    }
+
+    // The deadline is in the bundle's config and in runc's own state.
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(rt.bundle_dir(&expired_id).join("config.json")).expect("config.json"),
+    )
+    .expect("json");
+    let expected_ms = expired_at
+        .duration_since(UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis()
+        .to_string();
+    assert_eq!(
+        config["annotations"]["corral.expires_at_unix_ms"].as_str(),
+        Some(expected_ms.as_str())
+    );
+    let state = tokio::process::Command::new(&runc)
+        .arg("--root")
+        .arg(rt.runc_root())
+        .args(["state", expired_id.as_str()])
+        .output()
+        .await
+        .expect("runc state");
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).expect("state json");
+    assert_eq!(
+        state["annotations"]["corral.expires_at_unix_ms"].as_str(),
+        Some(expected_ms.as_str())
+    );
+
+    // The watchdog, with no control plane reachable (nothing on port 1).
+    let shared: Arc<dyn Runtime> = Arc::new(RuncRuntime::new(data, runc.clone()));
+    let config = AgentConfig {
+        control_plane_url: "http://127.0.0.1:1".into(),
+        token: "host-token".into(),
+        poll_interval: Duration::from_millis(100),
+        ..AgentConfig::default()
+    };
+    let watchdog = WatchdogConfig {
+        ttl_margin: Duration::from_secs(1),
+        // busybox sleep as pid 1 ignores SIGTERM: this exercises the SIGKILL.
+        stop_grace: Duration::from_millis(300),
+    };
+    let agent = tokio::spawn(corral_agent::run_agent_with(
+        config,
+        watchdog,
+        shared,
+        std::future::pending(),
+    ));
+    eventually("the watchdog stops the expired runc sandbox", || async {
+        rt.list()
+            .await
+            .expect("list")
+            .iter()
+            .any(|s| s.id == expired_id && s.phase == Phase::Stopped)
+    })
+    .await;
+    agent.abort();
+
+    // A fresh runtime (an agent restart) re-lists both deadlines from the
+    // containers alone; the stopped sandbox is still there, not destroyed.
+    let fresh = RuncRuntime::new(data, runc.clone());
+    let listed = fresh.list().await.expect("list");
+    let expired = listed
+        .iter()
+        .find(|s| s.id == expired_id)
+        .expect("stopped, not destroyed");
+    assert_eq!(expired.phase, Phase::Stopped);
+    assert_eq!(expired.expires_at, Some(expired_at));
+    let later = listed.iter().find(|s| s.id == later_id).expect("listed");
+    assert_eq!(later.phase, Phase::Running, "not yet due");
+    assert_eq!(later.expires_at, Some(later_at));
+    assert!(runc_lists(&runc, &rt.runc_root(), &expired_id).await);
+
+    for id in [&expired_id, &later_id] {
+        assert_eq!(rt.destroy(id).await.expect("destroy").phase, Phase::Absent);
+    }
 }
