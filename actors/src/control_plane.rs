@@ -75,7 +75,7 @@ where
 }
 
 fn where_is<M: ractor::Message>(name: &str) -> Option<ActorRef<M>> {
-    ractor::registry::where_is(name.to_string()).map(ActorRef::from)
+    ractor::registry::where_is(name).map(ActorRef::from)
 }
 
 /// A reply port whose answer nobody waits for (fire-and-forget requests).
