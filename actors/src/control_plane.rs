@@ -220,8 +220,8 @@ impl ControlPlane {
         let spawned = self
             .spawn_sandbox(org_id, &sandbox_id, &host_id, spec, waiter.into())
             .await;
-        let actor = match spawned {
-            Ok(actor) => actor,
+        let (_actor, row) = match spawned {
+            Ok(spawned) => spawned,
             Err(err) => {
                 // Nothing was persisted or sent: give the reservation back.
                 let _ = self
@@ -242,7 +242,8 @@ impl ControlPlane {
                 )),
             }
         } else {
-            call(&actor, SandboxMsg::Get, QUICK).await
+            // The intent as persisted; the actor is busy with the create.
+            Ok(row)
         }
     }
 
@@ -253,7 +254,7 @@ impl ControlPlane {
         host_id: &str,
         spec: SandboxSpec,
         waiter: RpcReplyPort<SandboxReply>,
-    ) -> Result<ActorRef<SandboxMsg>> {
+    ) -> Result<(ActorRef<SandboxMsg>, sandbox::Model)> {
         let host = call(
             &self.inner.top.fleet,
             |reply| FleetMsg::GetHost(host_id.to_string(), reply),
@@ -292,17 +293,18 @@ impl ControlPlane {
                 .and_then(|ttl| i64::try_from(ttl).ok())
                 .map(|ttl| now + chrono::Duration::seconds(ttl)),
         };
-        call(
+        let actor = call(
             &host,
             |reply| crate::actors::host::HostMsg::SpawnSandbox {
-                row,
+                row: row.clone(),
                 insert: true,
                 waiter: Some(waiter),
                 reply: Some(reply),
             },
             QUICK,
         )
-        .await?
+        .await??;
+        Ok((actor, row))
     }
 
     async fn wait_on(
@@ -344,6 +346,28 @@ impl ControlPlane {
         self.inner.store.list_sandboxes(org_id, filter).await
     }
 
+    async fn adopt(&self, row: sandbox::Model) -> Result<ActorRef<SandboxMsg>> {
+        let host_id = row.host_id.clone().ok_or(CorralError::HostUnavailable)?;
+        let host = call(
+            &self.inner.top.fleet,
+            |reply| FleetMsg::GetHost(host_id, reply),
+            QUICK,
+        )
+        .await?
+        .ok_or(CorralError::HostUnavailable)?;
+        call(
+            &host,
+            |reply| crate::actors::host::HostMsg::SpawnSandbox {
+                row,
+                insert: false,
+                waiter: None,
+                reply: Some(reply),
+            },
+            QUICK,
+        )
+        .await?
+    }
+
     fn sandbox_actor(&self, id: &str) -> Option<ActorRef<SandboxMsg>> {
         ractor::registry::where_is(names::sandbox(&self.inner.prefix, id)).map(ActorRef::from)
     }
@@ -369,9 +393,12 @@ impl ControlPlane {
             let ledger = self.ledger(org_id).await?;
             call(&ledger, LedgerMsg::AuthorizeCreate, QUICK).await??;
         }
-        let actor = self
-            .sandbox_actor(id)
-            .ok_or_else(|| CorralError::Internal(format!("no actor for live sandbox {id}")))?;
+        let actor = match self.sandbox_actor(id) {
+            Some(actor) => actor,
+            // A sandbox its supervisor gave up on has no actor: start one
+            // from the row so that it can still be deleted.
+            None => self.adopt(row.clone()).await?,
+        };
         if wait {
             let timeout = match desired {
                 DesiredState::Running => self.inner.timeouts.start.max(self.inner.timeouts.create),

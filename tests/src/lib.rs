@@ -155,6 +155,12 @@ impl TestServer {
     /// Stops the control plane and starts a new one on the same database and
     /// addresses, as a process restart would.
     pub async fn restart(self) -> Self {
+        self.restart_after(async {}).await
+    }
+
+    /// Like [`Self::restart`], with `downtime` resolving while no control
+    /// plane runs.
+    pub async fn restart_after(self, downtime: impl Future<Output = ()>) -> Self {
         let Self {
             server,
             dir,
@@ -163,6 +169,7 @@ impl TestServer {
         config.http_addr = server.http_addr;
         config.grpc_addr = server.grpc_addr;
         server.shutdown().await;
+        downtime.await;
         let server = Server::start(config.clone())
             .await
             .expect("the server restarts");
@@ -243,10 +250,12 @@ impl TestServer {
 }
 
 /// An agent running in this process on the fake runtime, connected over
-/// real gRPC.
+/// real gRPC. Its runtime outlives it: [`InProcessAgent::kill`] then
+/// [`InProcessAgent::revive`] is an agent restart on the same host.
 pub struct InProcessAgent {
     pub host_id: String,
     pub runtime: FakeRuntime,
+    config: AgentConfig,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -261,7 +270,6 @@ impl InProcessAgent {
         memory_mb: u64,
         fake: FakeConfig,
     ) -> Self {
-        let runtime = FakeRuntime::new(fake);
         let config = AgentConfig {
             control_plane_url: url.to_string(),
             token: token.to_string(),
@@ -271,23 +279,45 @@ impl InProcessAgent {
             max_concurrent_commands: 64,
             poll_interval: Duration::from_millis(200),
         };
-        let (tx, rx) = oneshot::channel::<()>();
-        let shared: Arc<dyn corral_agent::runtime::Runtime> = Arc::new(runtime.clone());
-        let task = tokio::spawn(corral_agent::run_agent(config, shared, async move {
-            let _ = rx.await;
-        }));
+        let runtime = FakeRuntime::new(fake);
+        let (shutdown, task) = Self::spawn(&config, &runtime);
         Self {
             host_id: host_id.to_string(),
             runtime,
-            shutdown: Some(tx),
+            config,
+            shutdown: Some(shutdown),
             task,
         }
     }
 
+    fn spawn(
+        config: &AgentConfig,
+        runtime: &FakeRuntime,
+    ) -> (oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let shared: Arc<dyn corral_agent::runtime::Runtime> = Arc::new(runtime.clone());
+        let task = tokio::spawn(corral_agent::run_agent(
+            config.clone(),
+            shared,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        (tx, task)
+    }
+
     /// Ends the agent abruptly: its stream is cut mid-flight, as when the
-    /// process dies.
+    /// process dies. Its sandboxes stay in the runtime.
     pub fn kill(&self) {
         self.task.abort();
+    }
+
+    /// Starts the agent again on the same runtime (after [`Self::kill`]).
+    pub fn revive(&mut self) {
+        self.task.abort();
+        let (shutdown, task) = Self::spawn(&self.config, &self.runtime);
+        self.shutdown = Some(shutdown);
+        self.task = task;
     }
 
     pub async fn stop(mut self) {

@@ -73,9 +73,7 @@ impl Default for Timeouts {
 /// its replacement takes the same name.
 pub(crate) async fn await_name_free(name: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while ractor::registry::where_is(name).is_some()
-        && tokio::time::Instant::now() < deadline
-    {
+    while ractor::registry::where_is(name).is_some() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -59,8 +59,6 @@ pub enum SandboxMsg {
     HostOffline,
     /// The TTL timer fired.
     Expire,
-    /// The row as the actor holds it.
-    Get(RpcReplyPort<sandbox::Model>),
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -247,9 +245,6 @@ impl Actor for SandboxActor {
             SandboxMsg::HostOffline => self.host_offline(state).await,
             SandboxMsg::Expire => self.expire(&myself, state).await,
             SandboxMsg::InjectPanic => panic!("injected fault in sandbox {}", state.row.id),
-            SandboxMsg::Get(reply) => {
-                let _ = reply.send(state.row.clone());
-            }
         }
         if state_of(&state.row).is_terminal() {
             myself.stop(Some("destroyed".into()));

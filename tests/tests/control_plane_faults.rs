@@ -1,0 +1,461 @@
+//! Failure handling of the control plane, with agents on the fake runtime
+//! over real gRPC on loopback: cut streams inside and outside the offline
+//! grace, sandboxes that vanish from their host, orphan containers, TTLs
+//! (also while the control plane is down), transitional deadlines, and a
+//! panic injected into each kind of actor. Every test asserts the final
+//! state of the sandboxes, the host row and the capacity view; none sleeps
+//! for a fixed time.
+
+use std::time::Duration;
+
+use corral_agent::fake::FakeConfig;
+use corral_agent::runtime::{Phase, Runtime, SandboxSpec};
+use corral_tests::{create_sandbox, id_of, wait_for, Api, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn fake() -> FakeConfig {
+    FakeConfig::default()
+}
+
+fn sandbox_body(name: &str) -> Value {
+    json!({
+        "image": "busybox",
+        "command": ["sleep", "600"],
+        "name": name,
+        "cpu_millis": 500,
+        "memory_mb": 256,
+    })
+}
+
+async fn sandbox(api: &Api, id: &str) -> Value {
+    let (status, body) = api.get(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn wait_state(api: &Api, id: &str, state: &str) -> Value {
+    wait_for(&format!("{id} to be {state}"), DEADLINE, || async {
+        let body = sandbox(api, id).await;
+        (body["state"] == state).then_some(body)
+    })
+    .await
+}
+
+async fn host_state(cp: &TestServer, host_id: &str) -> String {
+    let (status, body) = cp.admin().get("/v1/admin/hosts").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["hosts"]
+        .as_array()
+        .and_then(|hosts| hosts.iter().find(|h| h["id"] == host_id))
+        .and_then(|h| h["state"].as_str())
+        .unwrap_or("<unknown host>")
+        .to_string()
+}
+
+async fn wait_host_state(cp: &TestServer, host_id: &str, state: &str) {
+    wait_for(&format!("host to be {state}"), DEADLINE, || async {
+        (host_state(cp, host_id).await == state).then_some(())
+    })
+    .await;
+}
+
+async fn allocated_cpu(cp: &TestServer, host_id: &str) -> u64 {
+    cp.server
+        .control_plane
+        .allocated_on(host_id)
+        .await
+        .expect("capacity view")
+        .map(|r| r.cpu_millis)
+        .unwrap_or(0)
+}
+
+async fn exec_echo(api: &Api, id: &str) -> Value {
+    let (status, out) = api
+        .post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"argv": ["echo", "alive"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    out
+}
+
+#[tokio::test]
+async fn a_partition_shorter_than_the_grace_loses_nothing() {
+    let cp = TestServer::start_with(|c| c.offline_grace_ms = 30_000).await;
+    let mut agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let id = id_of(&create_sandbox(&api, sandbox_body("steady")).await);
+
+    agent.kill();
+    wait_host_state(&cp, &agent.host_id, "disconnected").await;
+    // Still recorded as running, and its room is still held for it.
+    assert_eq!(sandbox(&api, &id).await["state"], "running");
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+
+    agent.revive();
+    cp.wait_host_ready(&agent.host_id).await;
+    assert_eq!(host_state(&cp, &agent.host_id).await, "ready");
+    let row = sandbox(&api, &id).await;
+    assert_eq!(row["state"], "running", "{row}");
+    assert_eq!(row["failure_reason"], Value::Null);
+    assert_eq!(exec_echo(&api, &id).await["stdout"], "alive\n");
+    assert_eq!(agent.runtime.sandbox_ids(), vec![id.clone()]);
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    assert_eq!(cp.server.control_plane.metrics().drift_lost.get(), 0);
+}
+
+#[tokio::test]
+async fn a_host_past_its_grace_goes_offline_and_its_sandboxes_return_with_it() {
+    let cp = TestServer::start_with(|c| {
+        c.heartbeat_ms = 200;
+        c.offline_grace_ms = 500;
+    })
+    .await;
+    let mut agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let running = id_of(&create_sandbox(&api, sandbox_body("running")).await);
+    let stopped = id_of(&create_sandbox(&api, sandbox_body("stopped")).await);
+    let (status, body) = api
+        .post(&format!("/v1/sandboxes/{stopped}/stop"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let cut = tokio::time::Instant::now();
+    agent.kill();
+    wait_host_state(&cp, &agent.host_id, "disconnected").await;
+    // A cut stream is noticed at once, not after heartbeats go missing.
+    assert!(
+        cut.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        cut.elapsed()
+    );
+    wait_host_state(&cp, &agent.host_id, "offline").await;
+    for id in [&running, &stopped] {
+        let row = wait_state(&api, id, "lost").await;
+        assert_eq!(row["failure_reason"], "its host went offline");
+    }
+    // Lost sandboxes hold no capacity (and are no longer billable).
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+    let (status, body) = api
+        .post(
+            &format!("/v1/sandboxes/{running}/exec"),
+            json!({"argv": ["id"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // The host comes back with both containers: they are taken back as
+    // they are, and converge to what their owner wants.
+    agent.revive();
+    cp.wait_host_ready(&agent.host_id).await;
+    wait_state(&api, &running, "running").await;
+    let row = wait_state(&api, &stopped, "stopped").await;
+    assert_eq!(row["desired_state"], "stopped");
+    assert_eq!(row["failure_reason"], Value::Null);
+    assert_eq!(exec_echo(&api, &running).await["stdout"], "alive\n");
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 1000);
+    assert_eq!(agent.runtime.phase(&running), Some(Phase::Running));
+    assert_eq!(agent.runtime.phase(&stopped), Some(Phase::Stopped));
+    let metrics = cp.server.control_plane.metrics();
+    assert_eq!(metrics.hosts_offline.get(), 1);
+    assert_eq!(metrics.drift_lost.get(), 2);
+}
+
+#[tokio::test]
+async fn a_sandbox_that_vanishes_from_its_host_becomes_lost() {
+    let cp = TestServer::start_with(|c| c.reconcile_interval_ms = 200).await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let gone = id_of(&create_sandbox(&api, sandbox_body("gone")).await);
+    let kept = id_of(&create_sandbox(&api, sandbox_body("kept")).await);
+
+    // Removed behind the control plane's back, without an event: only the
+    // periodic inventory can notice.
+    assert!(agent.runtime.simulate_vanish(&gone));
+    let row = wait_state(&api, &gone, "lost").await;
+    assert!(
+        row["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no longer has it")),
+        "{row}"
+    );
+    assert_eq!(sandbox(&api, &kept).await["state"], "running");
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    assert_eq!(cp.server.control_plane.metrics().drift_lost.get(), 1);
+
+    // A lost sandbox can only be deleted, which then succeeds.
+    let (status, body) = api
+        .post(&format!("/v1/sandboxes/{gone}/start"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = api.delete(&format!("/v1/sandboxes/{gone}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "destroyed");
+}
+
+#[tokio::test]
+async fn an_orphan_container_is_collected_after_its_grace() {
+    let cp = TestServer::start_with(|c| {
+        c.reconcile_interval_ms = 200;
+        c.orphan_grace_ms = 300;
+    })
+    .await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let known = id_of(&create_sandbox(&api, sandbox_body("known")).await);
+
+    // Two containers no row accounts for: one never known, one whose row
+    // says destroyed (a destroy the host never got).
+    let planted = "sbx_0000000000000000000000000000beef".to_string();
+    let spec = |id: &str| SandboxSpec {
+        id: id.to_string(),
+        image: "busybox".into(),
+        command: vec!["sleep".into(), "600".into()],
+        ..SandboxSpec::default()
+    };
+    agent
+        .runtime
+        .create(&spec(&planted))
+        .await
+        .expect("planted");
+    agent.runtime.start(&planted).await.expect("planted runs");
+    let destroyed = id_of(&create_sandbox(&api, sandbox_body("destroyed")).await);
+    let (status, _) = api.delete(&format!("/v1/sandboxes/{destroyed}")).await;
+    assert_eq!(status, StatusCode::OK);
+    agent
+        .runtime
+        .create(&spec(&destroyed))
+        .await
+        .expect("resurrected");
+
+    wait_for("the orphans to be destroyed", DEADLINE, || async {
+        let ids = agent.runtime.sandbox_ids();
+        (!ids.contains(&planted) && !ids.contains(&destroyed)).then_some(())
+    })
+    .await;
+    assert_eq!(agent.runtime.sandbox_ids(), vec![known.clone()]);
+    assert_eq!(sandbox(&api, &known).await["state"], "running");
+    assert_eq!(sandbox(&api, &destroyed).await["state"], "destroyed");
+    let metrics = cp.server.control_plane.metrics();
+    assert_eq!(metrics.drift_orphans.get(), 2);
+    assert_eq!(metrics.orphans_collected.get(), 2);
+}
+
+#[tokio::test]
+async fn an_expired_ttl_destroys_the_sandbox() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let mut body = sandbox_body("short");
+    body["ttl_seconds"] = json!(1);
+    let created = create_sandbox(&api, body).await;
+    let id = id_of(&created);
+    assert!(created["expires_at"].is_string(), "{created}");
+    let long = id_of(&create_sandbox(&api, sandbox_body("long")).await);
+
+    let row = wait_state(&api, &id, "destroyed").await;
+    assert_eq!(row["desired_state"], "destroyed");
+    assert_eq!(agent.runtime.phase(&id), None);
+    assert_eq!(sandbox(&api, &long).await["state"], "running");
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    assert_eq!(cp.server.control_plane.metrics().ttl_expired.get(), 1);
+}
+
+#[tokio::test]
+async fn a_ttl_that_runs_out_while_the_control_plane_is_down_is_enforced_on_restart() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let mut body = sandbox_body("short");
+    body["ttl_seconds"] = json!(1);
+    let created = create_sandbox(&api, body).await;
+    let id = id_of(&created);
+    let expires_at = created["expires_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .expect("an expiry");
+
+    let cp = cp
+        .restart_after(async {
+            wait_for(
+                "the TTL to pass with no control plane",
+                DEADLINE,
+                || async { (chrono::Utc::now() > expires_at).then_some(()) },
+            )
+            .await;
+        })
+        .await;
+    // Same addresses after the restart: the old client still reaches it.
+    wait_state(&api, &id, "destroyed").await;
+    wait_for("the host to drop it", DEADLINE, || async {
+        agent.runtime.phase(&id).is_none().then_some(())
+    })
+    .await;
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+}
+
+#[tokio::test]
+async fn a_step_stuck_on_an_unreachable_host_fails_at_its_deadline() {
+    let cp = TestServer::start_with(|c| {
+        c.transition_deadline_ms = 1_000;
+        c.offline_grace_ms = 60_000;
+    })
+    .await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    // The host takes far longer than the deadline to create, and then goes
+    // away with the create in flight.
+    agent.runtime.set_latency(Duration::from_secs(30));
+    let (status, body) = api
+        .post("/v1/sandboxes?wait=false", sandbox_body("stuck"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = id_of(&body);
+    wait_state(&api, &id, "creating").await;
+    agent.kill();
+
+    let row = wait_state(&api, &id, "failed").await;
+    let reason = row["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("creating did not finish within 1 s"),
+        "{row}"
+    );
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+    assert_eq!(
+        cp.server.control_plane.metrics().transitions_expired.get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_panic_in_any_actor_is_survived_without_losing_state() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (org_id, api) = cp.create_org("acme").await;
+    let id = id_of(&create_sandbox(&api, sandbox_body("sturdy")).await);
+    let control = cp.server.control_plane.clone();
+    let restarts = || control.metrics().actor_restarts.get();
+
+    let check = |what: &'static str| {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            let row = wait_for(
+                &format!("the sandbox to answer after a {what} panic"),
+                DEADLINE,
+                || async {
+                    let (status, out) = api
+                        .post(
+                            &format!("/v1/sandboxes/{id}/exec"),
+                            json!({"argv": ["echo", "alive"]}),
+                        )
+                        .await;
+                    (status == StatusCode::OK).then_some(out)
+                },
+            )
+            .await;
+            assert_eq!(row["stdout"], "alive\n", "{what}");
+            assert_eq!(sandbox(&api, &id).await["state"], "running", "{what}");
+        }
+    };
+
+    assert!(control.inject_panic("sandbox", &id));
+    wait_for("the sandbox actor restart", DEADLINE, || async {
+        (restarts() >= 1).then_some(())
+    })
+    .await;
+    check("sandbox").await;
+
+    assert!(control.inject_panic("connection", &format!("{}#1", agent.host_id)));
+    wait_for("the connection restart", DEADLINE, || async {
+        (restarts() >= 2).then_some(())
+    })
+    .await;
+    cp.wait_host_ready(&agent.host_id).await;
+    check("connection").await;
+
+    assert!(control.inject_panic("host", &agent.host_id));
+    wait_for("the host actor restart", DEADLINE, || async {
+        (restarts() >= 3).then_some(())
+    })
+    .await;
+    cp.wait_host_ready(&agent.host_id).await;
+    check("host").await;
+
+    // The ledger is rebuilt from its entries on next use.
+    let (status, before) = api.get("/v1/billing").await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert!(control.inject_panic("ledger", &org_id));
+    let after = wait_for("the ledger to answer again", DEADLINE, || async {
+        let (status, body) = api.get("/v1/billing").await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert_eq!(after, before);
+
+    // One container, its room held once, the host ready, the tree whole.
+    assert_eq!(agent.runtime.sandbox_ids(), vec![id.clone()]);
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    assert_eq!(host_state(&cp, &agent.host_id).await, "ready");
+    assert!(control.is_alive());
+}
+
+#[tokio::test]
+async fn a_sandbox_actor_that_keeps_failing_is_given_up_not_looped() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let id = id_of(&create_sandbox(&api, sandbox_body("doomed")).await);
+    let other = id_of(&create_sandbox(&api, sandbox_body("bystander")).await);
+    let control = cp.server.control_plane.clone();
+
+    // Three restarts are allowed in the window; the fourth failure gives up.
+    for round in 1..=4u64 {
+        wait_for("the sandbox actor to be back", DEADLINE, || async {
+            control.inject_panic("sandbox", &id).then_some(())
+        })
+        .await;
+        wait_for("the failure to be handled", DEADLINE, || async {
+            (control.metrics().actor_restarts.get() >= round).then_some(())
+        })
+        .await;
+    }
+    let row = wait_state(&api, &id, "failed").await;
+    assert!(
+        row["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("failed repeatedly")),
+        "{row}"
+    );
+    // Its room is released; the rest of the host is untouched.
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    assert_eq!(exec_echo(&api, &other).await["stdout"], "alive\n");
+    assert!(control.is_alive());
+    // Deleting the failed sandbox removes its container too.
+    let (status, body) = api.delete(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for("its container to go", DEADLINE, || async {
+        agent.runtime.phase(&id).is_none().then_some(())
+    })
+    .await;
+    assert_eq!(agent.runtime.sandbox_ids(), vec![other]);
+}
+
+#[tokio::test]
+async fn metrics_are_served_in_the_prometheus_format() {
+    let cp = TestServer::start().await;
+    let response = reqwest::get(format!("{}/metrics", cp.server.http_url()))
+        .await
+        .expect("metrics");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("text");
+    assert!(
+        text.contains("# TYPE corral_drift_orphans_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("corral_actor_restarts_total 0"), "{text}");
+}
