@@ -400,3 +400,165 @@ pub fn id_of(value: &Value) -> String {
 pub fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
+
+/// A PostgreSQL cluster of a test's own, which the test can stop and start
+/// again (a database outage). Needs PostgreSQL's server binaries
+/// (`scripts/install-deps` installs them); run as root, the server runs as
+/// the `postgres` user, as PostgreSQL requires.
+pub struct PgCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// Starts a fresh cluster, or says why it cannot.
+    pub async fn start() -> Result<Self, String> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .map_err(|_| "PostgreSQL server binaries are not installed".to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .ok_or("PostgreSQL's initdb is not installed")?;
+        let dir = tempfile::Builder::new()
+            .prefix("corral-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let root = running_as_root();
+        if root {
+            let status = std::process::Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err("cannot hand the cluster directory to the postgres user".into());
+            }
+        }
+        let cluster = Self {
+            bin,
+            dir,
+            port: free_port(),
+        };
+        let data = cluster.dir.path().join("data");
+        cluster
+            .run(
+                "initdb",
+                &[
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                ],
+            )
+            .await?;
+        cluster.resume().await?;
+        Ok(cluster)
+    }
+
+    async fn run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let exe = self.bin.join(tool);
+        let mut command = if running_as_root() {
+            let mut c = tokio::process::Command::new("runuser");
+            c.arg("-u").arg("postgres").arg("--").arg(&exe);
+            c
+        } else {
+            tokio::process::Command::new(&exe)
+        };
+        let out = command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("{tool}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{tool} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server at once, as a crash or a network cut would.
+    pub async fn interrupt(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+        .await
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub async fn resume(&self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ],
+        )
+        .await
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let exe = self.bin.join("pg_ctl");
+        let mut command = if running_as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.arg("-u").arg("postgres").arg("--").arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let _ = command
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Whether this process runs as root.
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

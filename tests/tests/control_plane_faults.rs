@@ -459,3 +459,64 @@ async fn metrics_are_served_in_the_prometheus_format() {
     );
     assert!(text.contains("corral_actor_restarts_total 0"), "{text}");
 }
+
+#[tokio::test]
+async fn a_host_whose_heartbeats_stop_is_disconnected_within_three_intervals() {
+    use corral_proto::pb;
+    let interval = Duration::from_millis(200);
+    let cp = TestServer::start_with(|c| c.heartbeat_ms = 200).await;
+    let (host_id, token) = cp.host_token("silent").await;
+
+    // A host that registers and then says nothing, with its stream open:
+    // only the missing heartbeats can give it away.
+    let channel = tonic::transport::Endpoint::from_shared(cp.server.grpc_url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("dial");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let register = pb::Register {
+        runtime: "fake".into(),
+        capacity: Some(pb::Capacity {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+        }),
+        ..Default::default()
+    };
+    tx.send(pb::AgentMessage {
+        request_id: 0,
+        trace: None,
+        payload: Some(pb::agent_message::Payload::Register(register)),
+    })
+    .await
+    .expect("queue register");
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let mut inbound = client.connect(request).await.expect("stream").into_inner();
+    let ack = inbound.message().await.expect("ack").expect("an ack");
+    assert!(matches!(
+        ack.payload,
+        Some(pb::control_message::Payload::RegisterAck(_))
+    ));
+    let registered = tokio::time::Instant::now();
+    cp.wait_host_ready(&host_id).await;
+
+    wait_host_state(&cp, &host_id, "disconnected").await;
+    let detected = registered.elapsed();
+    eprintln!("heartbeat loss detected after {detected:?} (interval {interval:?})");
+    assert!(detected >= interval * 3, "{detected:?}");
+    assert!(
+        detected <= interval * 3 + Duration::from_millis(600),
+        "{detected:?}"
+    );
+    // The control plane closed the stream; the host is no longer schedulable.
+    let closed = tokio::time::timeout(DEADLINE, inbound.message()).await;
+    assert!(matches!(closed, Ok(Ok(None)) | Ok(Err(_))), "{closed:?}");
+    let capacity = cp.server.control_plane.capacity().await.expect("capacity");
+    assert!(!capacity.get(&host_id).is_some_and(|c| c.schedulable));
+    drop(tx);
+}

@@ -80,6 +80,9 @@ fn is_unique_violation(err: &sea_orm::DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// How long a query waits for a pooled connection.
+pub const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Store {
     /// Connects and brings the schema up to date. `url` is a SeaORM URL:
     /// `sqlite://path/to/corral.db?mode=rwc` or `postgres://...`.
@@ -87,8 +90,11 @@ impl Store {
         let mut options = ConnectOptions::new(url.to_string());
         options
             .sqlx_logging(false)
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .acquire_timeout(std::time::Duration::from_secs(5));
+            .connect_timeout(std::time::Duration::from_secs(3))
+            // A request waits this long for a connection before it fails
+            // with `database_unavailable`: during an outage callers hear
+            // so quickly rather than queue behind a dead database.
+            .acquire_timeout(ACQUIRE_TIMEOUT);
         if url.starts_with("sqlite:") {
             // One writer at a time is SQLite's nature; a small pool keeps
             // readers concurrent (WAL) without piling up busy writers.
