@@ -162,18 +162,15 @@ impl ControlPlane {
         let spawned = self
             .spawn_sandbox(org_id, &sandbox_id, &host_id, spec, waiter.into())
             .await;
-        let actor = match spawned {
-            Ok(actor) => actor,
-            Err(err) => {
-                // Nothing was persisted or sent: give the reservation back.
-                let _ = self
-                    .inner
-                    .top
-                    .scheduler
-                    .cast(SchedulerMsg::Release { sandbox_id });
-                return Err(err);
-            }
-        };
+        if let Err(err) = spawned {
+            // Nothing was persisted or sent: give the reservation back.
+            let _ = self
+                .inner
+                .top
+                .scheduler
+                .cast(SchedulerMsg::Release { sandbox_id });
+            return Err(err);
+        }
         if wait {
             let timeout = self.inner.timeouts.create + Duration::from_secs(30);
             match tokio::time::timeout(timeout, outcome).await {
@@ -184,7 +181,9 @@ impl ControlPlane {
                 )),
             }
         } else {
-            call(&actor, SandboxMsg::Get, QUICK).await
+            // The row as inserted: asking the actor would queue behind its
+            // first convergence and answer only once the create is done.
+            self.get_sandbox(org_id, &sandbox_id).await
         }
     }
 
