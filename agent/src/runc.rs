@@ -62,6 +62,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// Marker file: the bundle's rootfs is a copy, not an overlay mount.
 const COPY_MARKER: &str = "rootfs.copy";
+/// How long a runc state directory without `state.json` may be a live
+/// `runc run` still writing it before it counts as debris.
+const DEBRIS_WAIT: Duration = Duration::from_secs(3);
 /// The main process's exit code, written when it is reaped.
 const EXIT_CODE_FILE: &str = "exit_code";
 
@@ -373,6 +376,7 @@ impl RuncRuntime {
     /// `runc run --detach` of an existing bundle, the main process's output
     /// appended to the bundle's log files.
     async fn run_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.clear_runc_debris(id).await?;
         let bundle = self.bundle_dir(id);
         let log = |name: &str| {
             std::fs::OpenOptions::new()
@@ -426,6 +430,26 @@ impl RuncRuntime {
                 tail(&bundle.join("stderr.log"), 1024)
             )))
         }
+    }
+
+    /// Removes what a `runc run` killed half way (with the agent, by a
+    /// service manager stopping it) leaves: a state directory without
+    /// `state.json`. Nothing runs from it (runc does not even list it), but
+    /// runc refuses the id while it exists, so the sandbox could never run.
+    /// A live runc writes `state.json` within moments: wait for that first.
+    async fn clear_runc_debris(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.runc_root().join(id);
+        let deadline = tokio::time::Instant::now() + DEBRIS_WAIT;
+        while dir.exists() && !dir.join("state.json").exists() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(sandbox.id = %id, "removing the state of a runc run that died half way");
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| RuntimeError::runtime(format!("removing {}", dir.display()), e))?;
+                break;
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        Ok(())
     }
 
     /// Removes a bundle: unmount its rootfs, then delete the directory. The
