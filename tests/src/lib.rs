@@ -592,7 +592,10 @@ impl RuncStack {
                 .arg("--hostname")
                 .arg("runc-host")
                 .arg("--poll-interval-ms")
-                .arg("200"),
+                .arg("200")
+                // Its own process group, as under a service manager, so it
+                // can be killed together with the runc processes it runs.
+                .process_group(0),
         );
         self.agent = Some(agent);
         self.wait_host_state("ready", STARTUP).await;
@@ -619,6 +622,20 @@ impl RuncStack {
             )
             .await;
         }
+    }
+
+    /// Kills the agent and every process it started that is still in its
+    /// process group (runc commands in flight, not the containers), with
+    /// SIGKILL, as a service manager stopping its unit would.
+    pub async fn kill_agent_and_its_runc(&mut self) {
+        let agent = self.agent.as_ref().expect("the agent is running");
+        let pid = agent.child.id().expect("the agent has not exited");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill -KILL -{pid}");
+        self.kill_agent().await;
     }
 
     /// This host's row as `GET /v1/admin/hosts` shows it.

@@ -152,6 +152,54 @@ async fn killing_the_agent_mid_create_ends_in_the_desired_state() {
 }
 
 #[tokio::test]
+async fn killing_the_agent_and_its_runc_mid_create_ends_in_the_desired_state() {
+    if skip_without_runc("killing_the_agent_and_its_runc_mid_create_ends_in_the_desired_state") {
+        return;
+    }
+    let mut stack = RuncStack::start().await;
+    let mut ids = Vec::new();
+    let mut killed_mid_runc = false;
+    for _ in 0..3 {
+        let (status, sandbox) = stack
+            .api
+            .post(
+                "/v1/sandboxes?wait=false",
+                sandbox_body(json!(["sleep", "3600"])),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+        let id = id_of(&sandbox);
+        ids.push(id.clone());
+        // runc makes the container's state directory once `runc run` is
+        // under way: kill the agent and that runc together then.
+        let state_dir = stack.runc_root().join(&id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !state_dir.exists() {
+            assert!(Instant::now() < deadline, "runc never began {id}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stack.kill_agent_and_its_runc().await;
+        killed_mid_runc = stack.sandbox(&id).await["state"] == "creating";
+        if killed_mid_runc {
+            break;
+        }
+        stack.start_agent().await;
+    }
+    assert!(killed_mid_runc, "runc run was never killed in flight");
+    eprintln!("containers after the kill: {:?}", stack.containers().await);
+
+    stack.start_agent().await;
+    for id in &ids {
+        let sandbox = stack.wait_sandbox_state(id, "running", RECOVERY).await;
+        assert_eq!(sandbox["desired_state"], "running", "{sandbox}");
+        assert_echo_works(&stack, id).await;
+    }
+    assert_eq!(stack.host().await["state"], "ready");
+    let expected: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "running")).collect();
+    stack.assert_containers(&expected).await;
+}
+
+#[tokio::test]
 async fn killing_the_agent_mid_exec_fails_the_exec_promptly() {
     if skip_without_runc("killing_the_agent_mid_exec_fails_the_exec_promptly") {
         return;
