@@ -78,12 +78,6 @@ fn where_is<M: ractor::Message>(name: &str) -> Option<ActorRef<M>> {
     ractor::registry::where_is(name).map(ActorRef::from)
 }
 
-/// A reply port whose answer nobody waits for (fire-and-forget requests).
-fn detached<T: Send + 'static>() -> RpcReplyPort<T> {
-    let (tx, _rx) = tokio::sync::oneshot::channel();
-    tx.into()
-}
-
 const QUICK: Duration = Duration::from_secs(10);
 
 impl ControlPlane {
@@ -399,14 +393,12 @@ impl ControlPlane {
             // from the row so that it can still be deleted.
             None => self.adopt(row.clone()).await?,
         };
+        let timeout = match desired {
+            DesiredState::Running => self.inner.timeouts.start.max(self.inner.timeouts.create),
+            DesiredState::Stopped => self.inner.timeouts.stop_grace + self.inner.timeouts.start,
+            DesiredState::Destroyed => self.inner.timeouts.destroy + self.inner.timeouts.stop_grace,
+        };
         if wait {
-            let timeout = match desired {
-                DesiredState::Running => self.inner.timeouts.start.max(self.inner.timeouts.create),
-                DesiredState::Stopped => self.inner.timeouts.stop_grace + self.inner.timeouts.start,
-                DesiredState::Destroyed => {
-                    self.inner.timeouts.destroy + self.inner.timeouts.stop_grace
-                }
-            };
             self.wait_on(
                 &actor,
                 |reply| SandboxMsg::SetDesired { desired, reply },
@@ -414,15 +406,14 @@ impl ControlPlane {
             )
             .await
         } else {
-            actor
-                .cast(SandboxMsg::SetDesired {
-                    desired,
-                    reply: detached(),
-                })
-                .map_err(|_| CorralError::Internal("sandbox actor unavailable".into()))?;
-            let mut row = row;
-            row.desired_state = desired.as_str().to_string();
-            Ok(row)
+            // Answer once the intent is persisted (it may queue behind a step
+            // in flight), so a crash right after the answer loses nothing.
+            self.wait_on(
+                &actor,
+                |reply| SandboxMsg::SetDesiredNoWait { desired, reply },
+                self.inner.timeouts.create.max(timeout),
+            )
+            .await
         }
     }
 

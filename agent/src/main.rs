@@ -205,6 +205,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let runtime: Arc<dyn Runtime> = match choose_runtime(args.runtime, args.runc.clone())? {
         Chosen::Runc(runc) => {
             tracing::info!(runc = %runc.display(), data_dir = %data_dir.display(), "using the runc runtime");
+            // So the containers' inits become our children and their exit
+            // codes can be reported.
+            if let Err(e) = corral_agent::runc::become_subreaper() {
+                tracing::warn!(error = %e, "exit codes of sandboxes will be unknown");
+            }
             Arc::new(RuncRuntime::new(&data_dir, runc))
         }
         Chosen::Process => Arc::new(ProcessRuntime::new(&data_dir)),

@@ -7,7 +7,17 @@
 //!   oci-spec), `rootfs` (an overlayfs mount of the image's root filesystem
 //!   with `upper/` and `work/` beside it, or a plain copy when overlay cannot
 //!   be mounted, marked by `rootfs.copy`), and the main process's
-//!   `stdout.log` / `stderr.log`.
+//!   `stdout.log` / `stderr.log`, and `exit_code` once the main process
+//!   has ended and its code is known.
+//!
+//! Exit codes: `runc run --detach` leaves the container's init without a
+//! parent, so nobody learns how it ended. When the agent is a child
+//! subreaper ([`become_subreaper`], which the binary does at start), the
+//! inits of the containers it starts are re-parented to it; the runtime
+//! reaps them by pid once runc sees them stopped and records the code
+//! (128 + signal for a signal) in the bundle, where a later agent finds it.
+//! Containers started by an earlier agent process have no parent to tell, so
+//! their exit code stays unknown.
 //!
 //! The container id is the sandbox id. Labels live in the bundle's
 //! annotations (`corral.sandbox_id`, `corral.image`, `corral.label.<k>`, and
@@ -55,6 +65,19 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// Marker file: the bundle's rootfs is a copy, not an overlay mount.
 const COPY_MARKER: &str = "rootfs.copy";
+/// How long a runc state directory without `state.json` may be a live
+/// `runc run` still writing it before it counts as debris.
+const DEBRIS_WAIT: Duration = Duration::from_secs(3);
+/// The main process's exit code, written when it is reaped.
+const EXIT_CODE_FILE: &str = "exit_code";
+
+/// Makes this process a child subreaper, so the inits of the containers it
+/// starts with `runc run --detach` become its children and their exit codes
+/// can be collected. Process-wide; call once, at start.
+pub fn become_subreaper() -> Result<(), RuntimeError> {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| RuntimeError::runtime("becoming a child subreaper", e))
+}
 
 /// The runc-backed runtime. Cheap to construct; two instances over the same
 /// data directory see the same sandboxes.
@@ -63,6 +86,9 @@ pub struct RuncRuntime {
     data_dir: PathBuf,
     runc: PathBuf,
     locks: SandboxLocks,
+    /// Container id -> pid of its init, for the containers this process
+    /// started and has not reaped yet.
+    inits: std::sync::Mutex<HashMap<String, i32>>,
 }
 
 /// What `runc state` and `runc list --format json` say about a container.
@@ -211,6 +237,7 @@ impl RuncRuntime {
             data_dir,
             runc: runc_binary,
             locks: SandboxLocks::default(),
+            inits: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -333,11 +360,13 @@ impl RuncRuntime {
             None => return Ok(None),
         };
         let (image, expires_at) = self.labels_of(id, state.as_ref());
+        // After the state: an init runc saw stopped is reaped here.
+        self.reap_inits();
         Ok(Some((
             SandboxStatus {
                 id: id.to_string(),
                 phase,
-                exit_code: None,
+                exit_code: self.exit_code(id, phase),
                 image,
                 expires_at,
             },
@@ -388,6 +417,7 @@ impl RuncRuntime {
     /// `runc run --detach` of an existing bundle, the main process's output
     /// appended to the bundle's log files.
     async fn run_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.clear_runc_debris(id).await?;
         let bundle = self.bundle_dir(id);
         let log = |name: &str| {
             std::fs::OpenOptions::new()
@@ -397,9 +427,13 @@ impl RuncRuntime {
                 .map_err(|e| RuntimeError::runtime(format!("opening {name}"), e))
         };
         let (stdout, stderr) = (log("stdout.log")?, log("stderr.log")?);
+        let pid_file = bundle.join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
         let mut cmd = self.runc_command();
         cmd.arg("run")
             .arg("--detach")
+            .arg("--pid-file")
+            .arg(&pid_file)
             .arg("--bundle")
             .arg(&bundle)
             .arg(id)
@@ -415,6 +449,20 @@ impl RuncRuntime {
             }
         };
         if status.success() {
+            // Its init is now our child if we are a subreaper: remember it to
+            // collect its exit code, even if it has already ended. Otherwise
+            // its pid is not ours to wait on (it could be reused by one of
+            // our own children).
+            if !nix::sys::prctl::get_child_subreaper().unwrap_or(false) {
+                return Ok(());
+            }
+            let pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .filter(|p| *p > 0);
+            if let Some(pid) = pid {
+                lock_inits(&self.inits).insert(id.to_string(), pid);
+            }
             Ok(())
         } else {
             // runc reports its own failure on the stderr it was given.
@@ -423,6 +471,26 @@ impl RuncRuntime {
                 tail(&bundle.join("stderr.log"), 1024)
             )))
         }
+    }
+
+    /// Removes what a `runc run` killed half way (with the agent, by a
+    /// service manager stopping it) leaves: a state directory without
+    /// `state.json`. Nothing runs from it (runc does not even list it), but
+    /// runc refuses the id while it exists, so the sandbox could never run.
+    /// A live runc writes `state.json` within moments: wait for that first.
+    async fn clear_runc_debris(&self, id: &str) -> Result<(), RuntimeError> {
+        let dir = self.runc_root().join(id);
+        let deadline = tokio::time::Instant::now() + DEBRIS_WAIT;
+        while dir.exists() && !dir.join("state.json").exists() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(sandbox.id = %id, "removing the state of a runc run that died half way");
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| RuntimeError::runtime(format!("removing {}", dir.display()), e))?;
+                break;
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        Ok(())
     }
 
     /// Removes a bundle: unmount its rootfs, then delete the directory. The
@@ -456,6 +524,45 @@ impl RuncRuntime {
             }
             tokio::time::sleep(STOP_POLL).await;
         }
+    }
+
+    /// Reaps the inits this process started that have ended, recording each
+    /// exit code in its bundle. Never blocks; never waits on a pid that is
+    /// not a container init this process started, so the children tokio
+    /// waits for are left alone.
+    fn reap_inits(&self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let mut inits = lock_inits(&self.inits);
+        inits.retain(|id, pid| {
+            let code = match waitpid(nix::unistd::Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => code,
+                Ok(WaitStatus::Signaled(_, signal, _)) => 128 + signal as i32,
+                Ok(_) => return true,
+                // Not our child (no subreaper): its code cannot be known.
+                Err(_) => return false,
+            };
+            let bundle = self.bundle_dir(id);
+            if bundle.is_dir() {
+                let tmp = bundle.join(format!("{EXIT_CODE_FILE}.tmp"));
+                let written = std::fs::write(&tmp, code.to_string())
+                    .and_then(|()| std::fs::rename(&tmp, bundle.join(EXIT_CODE_FILE)));
+                if let Err(e) = written {
+                    tracing::warn!(sandbox.id = %id, error = %e, "could not record the exit code");
+                }
+            }
+            tracing::info!(sandbox.id = %id, exit_code = code, "main process exited");
+            false
+        });
+    }
+
+    /// The recorded exit code of a stopped sandbox.
+    fn exit_code(&self, id: &str, phase: Phase) -> Option<i32> {
+        if phase != Phase::Stopped {
+            return None;
+        }
+        std::fs::read_to_string(self.bundle_dir(id).join(EXIT_CODE_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     }
 
     async fn create_locked(&self, spec: &SandboxSpec) -> Result<(), RuntimeError> {
@@ -500,6 +607,12 @@ impl RuncRuntime {
         tracing::info!(sandbox.id = %id, "sandbox stopped");
         self.status_or_not_found(id).await
     }
+}
+
+fn lock_inits(
+    inits: &std::sync::Mutex<HashMap<String, i32>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+    inits.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn args<const N: usize>(a: [&str; N]) -> Vec<OsString> {
@@ -710,6 +823,7 @@ impl Runtime for RuncRuntime {
                     // upper dir keeps the sandbox's files).
                     self.runc_ok(&args(["delete", id])).await?;
                 }
+                let _ = std::fs::remove_file(self.bundle_dir(id).join(EXIT_CODE_FILE));
                 self.prepare_rootfs(id, &status.image).await?;
                 self.run_container(id).await?;
             }
@@ -758,6 +872,7 @@ impl Runtime for RuncRuntime {
                 )));
             }
         }
+        self.reap_inits();
         self.remove_bundle(id).await?;
         tracing::info!(sandbox.id = %id, "sandbox destroyed");
         Ok(SandboxStatus::absent(id, &image))
@@ -816,6 +931,9 @@ impl Runtime for RuncRuntime {
         let mut found: BTreeMap<String, SandboxStatus> = BTreeMap::new();
         if self.runc_root().exists() {
             let out = self.runc_ok(&args(["list", "--format", "json"])).await?;
+            // After the listing: every init it shows stopped is reaped now,
+            // so its exit code is known in this very listing.
+            self.reap_inits();
             // An empty root prints `null`.
             let states: Option<Vec<RuncState>> = serde_json::from_slice(&out.stdout)
                 .map_err(|e| RuntimeError::runtime("parsing runc list", e))?;
@@ -830,7 +948,7 @@ impl Runtime for RuncRuntime {
                     SandboxStatus {
                         id: s.id.clone(),
                         phase: s.phase(),
-                        exit_code: None,
+                        exit_code: self.exit_code(&s.id, s.phase()),
                         image,
                         expires_at,
                     },
@@ -853,9 +971,9 @@ impl Runtime for RuncRuntime {
                 found.insert(
                     id.clone(),
                     SandboxStatus {
+                        exit_code: self.exit_code(&id, Phase::Stopped),
                         id,
                         phase: Phase::Stopped,
-                        exit_code: None,
                         image,
                         expires_at,
                     },

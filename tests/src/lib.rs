@@ -381,6 +381,24 @@ impl ChildProcess {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Sends SIGKILL to the process itself (not a wrapper), reaps it and
+    /// asserts it is gone: no exit handler, no shutdown, no clean-up runs.
+    pub async fn kill_hard(&mut self) {
+        let pid = self
+            .child
+            .id()
+            .unwrap_or_else(|| panic!("{} has already exited", self.name));
+        self.child
+            .kill()
+            .await
+            .unwrap_or_else(|e| panic!("SIGKILL to {}: {e}", self.name));
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{} (pid {pid}) is still there after SIGKILL",
+            self.name
+        );
+    }
 }
 
 /// Creates a sandbox and asserts it was created.
@@ -551,6 +569,36 @@ impl Drop for PgCluster {
     }
 }
 
+/// Why the runc tests cannot run on this machine, if they cannot: they need
+/// root, runc on PATH and a static busybox.
+pub fn runc_missing_prerequisite() -> Option<String> {
+    if !running_as_root() {
+        return Some("not running as root".into());
+    }
+    if which("runc").is_none() {
+        return Some("runc is not installed".into());
+    }
+    if !std::path::Path::new("/bin/busybox").exists()
+        && !std::path::Path::new("/usr/bin/busybox").exists()
+    {
+        return Some("busybox-static is not installed".into());
+    }
+    None
+}
+
+/// Whether a runc test must skip: it says so (`SKIPPED:`) outside CI, and
+/// fails in CI, where the prerequisites are installed.
+pub fn skip_without_runc(test: &str) -> bool {
+    match runc_missing_prerequisite() {
+        None => false,
+        Some(reason) => {
+            assert!(!required(), "CI must run {test}: {reason}");
+            eprintln!("SKIPPED: {test}: {reason}");
+            true
+        }
+    }
+}
+
 /// Whether this process runs as root.
 pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -561,4 +609,358 @@ pub fn running_as_root() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.exists())
+    })
+}
+
+/// A container as `runc list --format json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RuncContainer {
+    pub id: String,
+    pub status: String,
+    /// The init process (0 once stopped).
+    #[serde(default)]
+    pub pid: i64,
+}
+
+/// The real stack as separate processes: `corral server` on SQLite in a
+/// temporary directory and one `corral-agent` on the runc runtime with its
+/// own data directory, plus an org (its key in `api`) and the host token the
+/// agent uses. Either process can be killed with SIGKILL and started again
+/// on the same ports and data directories. Dropping the stack kills both and
+/// removes every container and overlay mount the agent left behind.
+pub struct RuncStack {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub admin: Api,
+    pub api: Api,
+    pub host_id: String,
+    host_token: String,
+    server: Option<ChildProcess>,
+    agent: Option<ChildProcess>,
+}
+
+/// How long a process gets to come up (binaries are debug builds on a
+/// machine that may be busy).
+const STARTUP: Duration = Duration::from_secs(20);
+
+impl RuncStack {
+    /// Starts the server, makes an org, a host token and the busybox image,
+    /// starts the agent and waits until its host is `ready`.
+    pub async fn start() -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let base = format!("http://127.0.0.1:{http_port}");
+        let admin = Api::new(&base, ADMIN_TOKEN);
+        let mut stack = Self {
+            dir,
+            http_port,
+            grpc_port,
+            api: admin.clone(),
+            admin,
+            host_id: String::new(),
+            host_token: String::new(),
+            server: None,
+            agent: None,
+        };
+        stack.start_server().await;
+
+        let (status, org) = stack
+            .admin
+            .post("/v1/admin/orgs", json!({"name": "runc"}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{org}");
+        stack.api = Api::new(&base, org["api_key"]["secret"].as_str().expect("key"));
+        let (status, token) = stack
+            .admin
+            .post("/v1/admin/host-tokens", json!({"name": "runc-host"}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{token}");
+        stack.host_id = token["host_id"].as_str().expect("host id").to_string();
+        stack.host_token = token["token"].as_str().expect("token").to_string();
+
+        let built = tokio::process::Command::new(binary("corral-agent"))
+            .arg("image")
+            .arg("build-busybox")
+            .arg("--data-dir")
+            .arg(stack.agent_dir())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run corral-agent image build-busybox");
+        assert!(built.success(), "the busybox image builds");
+
+        stack.start_agent().await;
+        stack
+    }
+
+    /// The agent's data directory (images, bundles, runc state).
+    pub fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// The runc state root the agent uses (`<data dir>/runc`).
+    pub fn runc_root(&self) -> PathBuf {
+        self.agent_dir().join("runc")
+    }
+
+    /// The bundle directory of a sandbox on the host.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.agent_dir().join("sandboxes").join(id)
+    }
+
+    /// Starts `corral server` (same ports and data directory every time)
+    /// and waits until it answers `/readyz`.
+    pub async fn start_server(&mut self) {
+        assert!(self.server.is_none(), "the server is already running");
+        let server = ChildProcess::spawn(
+            "corral server",
+            tokio::process::Command::new(binary("corral"))
+                .arg("server")
+                .arg("--http-addr")
+                .arg(format!("127.0.0.1:{}", self.http_port))
+                .arg("--grpc-addr")
+                .arg(format!("127.0.0.1:{}", self.grpc_port))
+                .arg("--data-dir")
+                .arg(self.dir.path().join("cp"))
+                .arg("--heartbeat-ms")
+                .arg("500")
+                .arg("--stop-grace-ms")
+                .arg("3000")
+                .env("CORRAL_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env_remove("DATABASE_URL"),
+        );
+        self.server = Some(server);
+        let url = format!("{}/readyz", self.admin.base);
+        wait_for("the server to be ready", STARTUP, || {
+            let url = url.clone();
+            async move {
+                let ok = reqwest::get(url).await.ok()?;
+                ok.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Starts `corral-agent run --runtime runc` over the same data
+    /// directory and waits until its host is `ready`.
+    pub async fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "the agent is already running");
+        let agent = ChildProcess::spawn(
+            "corral-agent",
+            tokio::process::Command::new(binary("corral-agent"))
+                .arg("run")
+                .arg("--control-plane")
+                .arg(format!("http://127.0.0.1:{}", self.grpc_port))
+                .arg("--token")
+                .arg(&self.host_token)
+                .arg("--data-dir")
+                .arg(self.agent_dir())
+                .arg("--runtime")
+                .arg("runc")
+                .arg("--cpus")
+                .arg("8")
+                .arg("--memory-mb")
+                .arg("8192")
+                .arg("--hostname")
+                .arg("runc-host")
+                .arg("--poll-interval-ms")
+                .arg("200")
+                // Its own process group, as under a service manager, so it
+                // can be killed together with the runc processes it runs.
+                .process_group(0),
+        );
+        self.agent = Some(agent);
+        self.wait_host_state("ready", STARTUP).await;
+    }
+
+    /// Kills the server with SIGKILL and reaps it: no shutdown runs.
+    pub async fn kill_server(&mut self) {
+        let mut server = self.server.take().expect("the server is running");
+        server.kill_hard().await;
+    }
+
+    /// Kills the agent with SIGKILL and reaps it: no shutdown runs, and the
+    /// runc processes it started are left as they are. With the server up,
+    /// waits until it has noticed (the host row is no longer `ready`), so
+    /// that a later `ready` is the new agent's.
+    pub async fn kill_agent(&mut self) {
+        let mut agent = self.agent.take().expect("the agent is running");
+        agent.kill_hard().await;
+        if self.server.is_some() {
+            wait_for(
+                "the control plane to notice the agent is gone",
+                Duration::from_secs(5),
+                || async { (self.host().await["state"] != "ready").then_some(()) },
+            )
+            .await;
+        }
+    }
+
+    /// Kills the agent and every process it started that is still in its
+    /// process group (runc commands in flight, not the containers), with
+    /// SIGKILL, as a service manager stopping its unit would.
+    pub async fn kill_agent_and_its_runc(&mut self) {
+        let agent = self.agent.as_ref().expect("the agent is running");
+        let pid = agent.child.id().expect("the agent has not exited");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill -KILL -{pid}");
+        self.kill_agent().await;
+    }
+
+    /// This host's row as `GET /v1/admin/hosts` shows it.
+    pub async fn host(&self) -> Value {
+        let (status, hosts) = self.admin.get("/v1/admin/hosts").await;
+        assert_eq!(status, StatusCode::OK, "{hosts}");
+        hosts["hosts"]
+            .as_array()
+            .and_then(|hosts| hosts.iter().find(|h| h["id"] == self.host_id.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until this host's row is in `state`.
+    pub async fn wait_host_state(&self, state: &str, timeout: Duration) -> Value {
+        wait_for(&format!("the host to be {state}"), timeout, || async {
+            let host = self.host().await;
+            (host["state"] == state).then_some(host)
+        })
+        .await
+    }
+
+    /// `GET /v1/sandboxes/{id}`.
+    pub async fn sandbox(&self, id: &str) -> Value {
+        let (status, sandbox) = self.api.get(&format!("/v1/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{sandbox}");
+        sandbox
+    }
+
+    /// Waits until sandbox `id` is in `state`.
+    pub async fn wait_sandbox_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let sandbox = self.sandbox(id).await;
+            if sandbox["state"] == state {
+                return sandbox;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for sandbox {id} to be {state}; it is {sandbox}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The containers runc knows in the agent's root, sorted by id.
+    pub async fn containers(&self) -> Vec<RuncContainer> {
+        let out = tokio::process::Command::new("runc")
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(["list", "--format", "json"])
+            .output()
+            .await
+            .expect("runc list");
+        assert!(
+            out.status.success(),
+            "runc list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // An empty root prints `null`.
+        let mut list: Vec<RuncContainer> =
+            serde_json::from_slice::<Option<Vec<RuncContainer>>>(&out.stdout)
+                .expect("runc list prints JSON")
+                .unwrap_or_default();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Asserts the host holds exactly `expected` (id, runc status) pairs:
+    /// no duplicate, no orphan, nothing missing.
+    pub async fn assert_containers(&self, expected: &[(&str, &str)]) {
+        let mut expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(id, status)| (id.to_string(), status.to_string()))
+            .collect();
+        expected.sort();
+        let actual: Vec<(String, String)> = self
+            .containers()
+            .await
+            .into_iter()
+            .map(|c| (c.id, c.status))
+            .collect();
+        assert_eq!(actual, expected, "the containers on the host");
+    }
+
+    /// `runc kill <id> <signal>` behind the agent's back.
+    pub async fn runc_kill(&self, id: &str, signal: &str) {
+        let out = tokio::process::Command::new("runc")
+            .arg("--root")
+            .arg(self.runc_root())
+            .args(["kill", id, signal])
+            .output()
+            .await
+            .expect("runc kill");
+        assert!(
+            out.status.success(),
+            "runc kill: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for RuncStack {
+    fn drop(&mut self) {
+        // The agent first, so it does not react to the clean-up.
+        for process in [self.agent.as_mut(), self.server.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = process.child.start_kill();
+        }
+        let root = self.runc_root();
+        let listed = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "--quiet"])
+            .output();
+        if let Ok(out) = listed {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
+        // Overlay mounts would keep the temp dir from being removed.
+        let sandboxes = self.agent_dir().join("sandboxes");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+            for entry in entries.filter_map(|e| e.ok()) {
+                let rootfs = entry.path().join("rootfs");
+                let mounted = rootfs
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.to_str().map(str::to_string))
+                    .is_some_and(|p| mounts.lines().any(|l| l.split(' ').nth(4) == Some(&p)));
+                if mounted {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(&rootfs)
+                        .output();
+                }
+            }
+        }
+    }
 }

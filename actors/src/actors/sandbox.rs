@@ -44,6 +44,12 @@ pub enum SandboxMsg {
         desired: DesiredState,
         reply: RpcReplyPort<SandboxReply>,
     },
+    /// Change the desired state and answer once it is persisted, then
+    /// converge: a request answered without waiting is still durable.
+    SetDesiredNoWait {
+        desired: DesiredState,
+        reply: RpcReplyPort<SandboxReply>,
+    },
     Exec {
         spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
@@ -231,6 +237,17 @@ impl Actor for SandboxActor {
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
+            }
+            SandboxMsg::SetDesiredNoWait { desired, reply } => {
+                match self.set_desired(state, desired).await {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(state.row.clone()));
+                        let _ = self.converge(&myself, state).await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             SandboxMsg::Exec { spec, reply } => self.exec(state, spec, reply),
             SandboxMsg::Observed {
