@@ -520,3 +520,38 @@ async fn a_host_whose_heartbeats_stop_is_disconnected_within_three_intervals() {
     assert!(!capacity.get(&host_id).is_some_and(|c| c.schedulable));
     drop(tx);
 }
+
+#[tokio::test]
+async fn a_refused_start_is_retried_until_it_works_or_its_deadline_passes() {
+    let cp = TestServer::start_with(|c| c.transition_deadline_ms = 3_000).await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let recovers = id_of(&create_sandbox(&api, sandbox_body("recovers")).await);
+    let gives_up = id_of(&create_sandbox(&api, sandbox_body("gives-up")).await);
+    for id in [&recovers, &gives_up] {
+        let (status, body) = api.post(&format!("/v1/sandboxes/{id}/stop"), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    // The runtime refuses every command: the start is answered with the
+    // host's error, and the sandbox is left starting, not stuck.
+    agent.runtime.set_fail_rate(1.0);
+    let (status, body) = api
+        .post(&format!("/v1/sandboxes/{recovers}/start"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(sandbox(&api, &recovers).await["state"], "starting");
+    // The runtime heals: the retry finishes the start with no new request.
+    agent.runtime.set_fail_rate(0.0);
+    wait_state(&api, &recovers, "running").await;
+
+    agent.runtime.set_fail_rate(1.0);
+    let (status, body) = api
+        .post(&format!("/v1/sandboxes/{gives_up}/start"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let row = wait_state(&api, &gives_up, "failed").await;
+    let reason = row["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("starting did not finish within 3 s"), "{row}");
+    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+}

@@ -306,7 +306,10 @@ impl SandboxActor {
         while let Some(step) = next_step(state_of(&state.row), desired_of(&state.row)) {
             let span = tracing::info_span!("sandbox.step", sandbox.id = %state.row.id, ?step);
             if let Err(err) = self.take_step(state, step).instrument(span).await {
-                if err.is_host_fault() {
+                // Whatever failed (host fault, refused start or stop, the
+                // database), a step left half-way is retried with backoff
+                // until its deadline, then given up: nothing stays stuck.
+                if state_of(&state.row).is_transitional() {
                     if self.transition_expired(state) {
                         self.give_up(state, step, &err).await;
                     } else {
