@@ -643,6 +643,9 @@ pub struct RuncStack {
     pub api: Api,
     pub host_id: String,
     host_token: String,
+    /// Extra environment of the agent process (its `CORRAL_AGENT_*`
+    /// settings), applied at every start.
+    agent_env: Vec<(String, String)>,
     server: Option<ChildProcess>,
     agent: Option<ChildProcess>,
 }
@@ -655,6 +658,11 @@ impl RuncStack {
     /// Starts the server, makes an org, a host token and the busybox image,
     /// starts the agent and waits until its host is `ready`.
     pub async fn start() -> Self {
+        Self::start_with_agent_env(&[]).await
+    }
+
+    /// [`Self::start`], with extra environment for the agent process.
+    pub async fn start_with_agent_env(agent_env: &[(&str, &str)]) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("a temp dir");
         let (http_port, grpc_port) = (free_port(), free_port());
@@ -668,6 +676,10 @@ impl RuncStack {
             admin,
             host_id: String::new(),
             host_token: String::new(),
+            agent_env: agent_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             server: None,
             agent: None,
         };
@@ -774,6 +786,7 @@ impl RuncStack {
                 .arg("runc-host")
                 .arg("--poll-interval-ms")
                 .arg("200")
+                .envs(self.agent_env.iter().cloned())
                 // Its own process group, as under a service manager, so it
                 // can be killed together with the runc processes it runs.
                 .process_group(0),

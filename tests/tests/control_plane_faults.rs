@@ -529,7 +529,9 @@ async fn a_refused_start_is_retried_until_it_works_or_its_deadline_passes() {
     let recovers = id_of(&create_sandbox(&api, sandbox_body("recovers")).await);
     let gives_up = id_of(&create_sandbox(&api, sandbox_body("gives-up")).await);
     for id in [&recovers, &gives_up] {
-        let (status, body) = api.post(&format!("/v1/sandboxes/{id}/stop"), json!({})).await;
+        let (status, body) = api
+            .post(&format!("/v1/sandboxes/{id}/stop"), json!({}))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
@@ -552,6 +554,9 @@ async fn a_refused_start_is_retried_until_it_works_or_its_deadline_passes() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let row = wait_state(&api, &gives_up, "failed").await;
     let reason = row["failure_reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("starting did not finish within 3 s"), "{row}");
+    assert!(
+        reason.contains("starting did not finish within 3 s"),
+        "{row}"
+    );
     assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
 }

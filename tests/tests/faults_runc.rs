@@ -340,3 +340,48 @@ async fn a_container_killed_on_the_host_is_seen_stopped() {
     assert_eq!(stack.host().await["state"], "ready");
     stack.assert_containers(&[(&id, "stopped")]).await;
 }
+
+#[tokio::test]
+async fn a_ttl_that_runs_out_with_the_control_plane_down_is_enforced_on_both_sides() {
+    if skip_without_runc(
+        "a_ttl_that_runs_out_with_the_control_plane_down_is_enforced_on_both_sides",
+    ) {
+        return;
+    }
+    // No margin: the host's watchdog acts as soon as the deadline passes.
+    let mut stack = RuncStack::start_with_agent_env(&[("CORRAL_AGENT_TTL_MARGIN_SECS", "0")]).await;
+    let mut body = sandbox_body(json!(["sleep", "3600"]));
+    body["ttl_seconds"] = json!(2);
+    let short = id_of(&create_sandbox(&stack.api, body).await);
+    let long = id_of(&create_sandbox(&stack.api, sandbox_body(json!(["sleep", "3600"]))).await);
+
+    // The control plane dies before the TTL runs out; the host's watchdog
+    // stops the sandbox on its own, and leaves the other one alone.
+    stack.kill_server().await;
+    wait_for(
+        "the watchdog to stop the expired sandbox",
+        RECOVERY,
+        || async {
+            let containers = stack.containers().await;
+            containers
+                .iter()
+                .any(|c| c.id == short && c.status == "stopped")
+                .then_some(())
+        },
+    )
+    .await;
+    stack
+        .assert_containers(&[(&long, "running"), (&short, "stopped")])
+        .await;
+
+    // Back up, the control plane destroys what outlived its TTL.
+    stack.start_server().await;
+    let row = stack
+        .wait_sandbox_state(&short, "destroyed", RECOVERY)
+        .await;
+    assert_eq!(row["desired_state"], "destroyed", "{row}");
+    let row = stack.wait_sandbox_state(&long, "running", RECOVERY).await;
+    assert_eq!(row["expires_at"], Value::Null, "{row}");
+    stack.assert_containers(&[(&long, "running")]).await;
+    assert!(!stack.bundle_dir(&short).exists(), "its bundle is removed");
+}
