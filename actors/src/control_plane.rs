@@ -47,6 +47,8 @@ struct Inner {
     prefix: String,
     timeouts: Timeouts,
     metrics: Metrics,
+    /// Becomes true when the actor tree has stopped.
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A host as operators see it.
@@ -91,7 +93,7 @@ impl ControlPlane {
     pub async fn start_with_store(store: Store, timeouts: Timeouts) -> Result<Self> {
         let prefix = format!("{}/", &new_id("cp")[3..15]);
         let metrics = Metrics::default();
-        let (root, _) = Actor::spawn(
+        let (root, root_task) = Actor::spawn(
             Some(names::singleton(&prefix, names::ROOT)),
             RootSupervisor,
             RootArgs {
@@ -104,6 +106,11 @@ impl ControlPlane {
         .await
         .map_err(|e| CorralError::Internal(format!("could not start the actor tree: {e}")))?;
         let top = call(&root, RootMsg::TopLevel, QUICK).await?;
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = root_task.await;
+            let _ = stopped_tx.send(true);
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -112,6 +119,7 @@ impl ControlPlane {
                 prefix,
                 timeouts,
                 metrics,
+                stopped,
             }),
         })
     }
@@ -175,6 +183,14 @@ impl ControlPlane {
             .root
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10)))
             .await;
+    }
+
+    /// Resolves when the actor tree has stopped, by a shutdown or because
+    /// a supervisor escalated a failure to the root. A process should then
+    /// exit so that it is restarted and rebuilt from the database.
+    pub async fn stopped(&self) {
+        let mut stopped = self.inner.stopped.clone();
+        let _ = stopped.wait_for(|s| *s).await;
     }
 
     /// Whether the actor tree is alive.

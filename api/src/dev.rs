@@ -189,10 +189,14 @@ pub async fn run(mut config: DevConfig) -> anyhow::Result<()> {
     println!("  corral admin actors");
     println!();
 
+    let control_plane = server.control_plane.clone();
     tokio::select! {
         _ = shutdown_signal() => {}
         status = agent.wait() => {
             tracing::error!(?status, "the local agent exited");
+        }
+        _ = control_plane.stopped() => {
+            tracing::error!("the actor tree stopped after repeated failures");
         }
     }
     println!("shutting down (sandboxes keep running; they are picked up on the next start)");

@@ -73,8 +73,16 @@ async fn run_server(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("no admin token configured (CORRAL_ADMIN_TOKEN): admin routes are closed");
     }
     let server = Server::start(config).await?;
-    dev::shutdown_signal().await;
+    let control_plane = server.control_plane.clone();
+    let failed = tokio::select! {
+        _ = dev::shutdown_signal() => false,
+        _ = control_plane.stopped() => true,
+    };
     tracing::info!("shutting down");
     server.shutdown().await;
+    anyhow::ensure!(
+        !failed,
+        "the actor tree stopped after repeated failures; restart to rebuild it from the database"
+    );
     Ok(())
 }

@@ -560,3 +560,62 @@ async fn a_refused_start_is_retried_until_it_works_or_its_deadline_passes() {
     );
     assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
 }
+
+#[tokio::test]
+async fn a_host_actor_that_keeps_failing_escalates_and_stops_the_control_plane() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let control = cp.server.control_plane.clone();
+    for round in 1..=3u64 {
+        wait_for("the host actor to be back", DEADLINE, || async {
+            control.inject_panic("host", &agent.host_id).then_some(())
+        })
+        .await;
+        wait_for("the restart", DEADLINE, || async {
+            (control.metrics().actor_restarts.get() >= round).then_some(())
+        })
+        .await;
+        assert!(control.is_alive(), "restart {round} is within the budget");
+    }
+    // The fourth failure inside the window is one too many: the fleet
+    // escalates and the root stops, so that the process can be restarted
+    // and rebuilt from the database rather than loop.
+    wait_for("the host actor to be back", DEADLINE, || async {
+        control.inject_panic("host", &agent.host_id).then_some(())
+    })
+    .await;
+    tokio::time::timeout(DEADLINE, control.stopped())
+        .await
+        .expect("the actor tree stops");
+    assert!(!control.is_alive());
+    let ready = reqwest::get(format!("{}/readyz", cp.server.http_url()))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The fake host still has nothing it should not: no sandbox was touched.
+    assert!(agent.runtime.sandbox_ids().is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_drains_requests_in_flight() {
+    let cp = TestServer::start().await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    agent.runtime.set_latency(Duration::from_millis(800));
+    let creating = tokio::spawn({
+        let api = api.clone();
+        async move { api.post("/v1/sandboxes", sandbox_body("late")).await }
+    });
+    let id = wait_for("the create to be in flight", DEADLINE, || async {
+        let (_, list) = api.get("/v1/sandboxes").await;
+        list["sandboxes"][0]["id"].as_str().map(str::to_string)
+    })
+    .await;
+    cp.server.shutdown().await;
+    // The request that was in flight got its real answer, not a reset.
+    let (status, body) = creating.await.expect("the create task");
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(body["state"], "running");
+    assert_eq!(agent.runtime.phase(&id), Some(Phase::Running));
+}
