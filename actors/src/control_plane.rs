@@ -14,11 +14,15 @@ use tokio::sync::mpsc;
 
 use crate::actors::connection::ConnMsg;
 use crate::actors::fleet::FleetMsg;
-use crate::actors::ledger::{LedgerMsg, LedgerSummary, OrgsMsg};
+use crate::actors::ledger::{
+    BillingHook, BillingSettings, CreditKind, LedgerAudit, LedgerMsg, LedgerSummary, LogHook,
+    OrgsMsg,
+};
 use crate::actors::root::{RootArgs, RootMsg, RootSupervisor, TopLevel};
 use crate::actors::sandbox::{SandboxMsg, SandboxReply};
 use crate::actors::scheduler::{HostCapacity, SchedulerMsg};
 use crate::actors::{names, Timeouts};
+use crate::billing::BillingPolicy;
 use crate::domain::{
     new_id, DesiredState, ExecOutcome, ExecSpec, Resources, SandboxSpec, SandboxState,
 };
@@ -32,6 +36,7 @@ use crate::tree::{self, ActorNode};
 pub struct ControlPlaneConfig {
     pub database_url: String,
     pub timeouts: Timeouts,
+    pub billing: BillingPolicy,
 }
 
 /// A running control plane. Cheap to clone.
@@ -87,10 +92,16 @@ impl ControlPlane {
     /// from it.
     pub async fn start(config: ControlPlaneConfig) -> Result<Self> {
         let store = Store::connect(&config.database_url).await?;
-        Self::start_with_store(store, config.timeouts).await
+        Self::start_with_store(store, config.timeouts, config.billing, Arc::new(LogHook)).await
     }
 
-    pub async fn start_with_store(store: Store, timeouts: Timeouts) -> Result<Self> {
+    /// Starts on an open store, with a hook for billing-status changes.
+    pub async fn start_with_store(
+        store: Store,
+        timeouts: Timeouts,
+        billing: BillingPolicy,
+        billing_hook: Arc<dyn BillingHook>,
+    ) -> Result<Self> {
         let prefix = format!("{}/", &new_id("cp")[3..15]);
         let metrics = Metrics::default();
         let (root, root_task) = Actor::spawn(
@@ -101,6 +112,8 @@ impl ControlPlane {
                 timeouts: timeouts.clone(),
                 prefix: prefix.clone(),
                 metrics: metrics.clone(),
+                billing,
+                billing_hook,
             },
         )
         .await
@@ -208,15 +221,26 @@ impl ControlPlane {
     pub async fn create_sandbox(
         &self,
         org_id: &str,
-        spec: SandboxSpec,
+        mut spec: SandboxSpec,
         wait: bool,
     ) -> Result<sandbox::Model> {
-        let ledger = self.ledger(org_id).await?;
-        call(&ledger, LedgerMsg::AuthorizeCreate, QUICK).await??;
-
         let sandbox_id = new_id("sbx");
         let resources = spec.resources();
-        let host_id = call(
+        // Credit and quota first, reserved in the org's ledger: concurrent
+        // creates cannot overdraw it (LESSONS 24).
+        let ledger = self.ledger(org_id).await?;
+        spec.ttl_seconds = call(
+            &ledger,
+            |reply| LedgerMsg::AuthorizeCreate {
+                sandbox_id: sandbox_id.clone(),
+                resources,
+                ttl_seconds: spec.ttl_seconds,
+                reply,
+            },
+            QUICK,
+        )
+        .await??;
+        let placed = call(
             &self.inner.top.scheduler,
             |reply| SchedulerMsg::Place {
                 sandbox_id: sandbox_id.clone(),
@@ -225,7 +249,17 @@ impl ControlPlane {
             },
             QUICK,
         )
-        .await??;
+        .await
+        .and_then(|placed| placed);
+        let host_id = match placed {
+            Ok(host_id) => host_id,
+            Err(err) => {
+                let _ = ledger.cast(LedgerMsg::Release {
+                    sandbox_id: sandbox_id.clone(),
+                });
+                return Err(err);
+            }
+        };
         let (waiter, outcome) = tokio::sync::oneshot::channel();
         let spawned = self
             .spawn_sandbox(org_id, &sandbox_id, &host_id, spec, waiter.into())
@@ -233,7 +267,10 @@ impl ControlPlane {
         let (_actor, row) = match spawned {
             Ok(spawned) => spawned,
             Err(err) => {
-                // Nothing was persisted or sent: give the reservation back.
+                // Nothing was persisted or sent: give the reservations back.
+                let _ = ledger.cast(LedgerMsg::Release {
+                    sandbox_id: sandbox_id.clone(),
+                });
                 let _ = self
                     .inner
                     .top
@@ -399,9 +436,9 @@ impl ControlPlane {
                 Err(CorralError::InvalidState("the sandbox is destroyed".into()))
             };
         }
-        if desired == DesiredState::Running {
+        if desired == DesiredState::Running && row.state != SandboxState::Running.as_str() {
             let ledger = self.ledger(org_id).await?;
-            call(&ledger, LedgerMsg::AuthorizeCreate, QUICK).await??;
+            call(&ledger, LedgerMsg::AuthorizeStart, QUICK).await??;
         }
         let actor = match self.sandbox_actor(id) {
             Some(actor) => actor,
@@ -503,9 +540,12 @@ impl ControlPlane {
         .await?
     }
 
-    pub async fn deposit(
+    /// Credits an org (deposit, adjustment or refund); the same
+    /// `reference` never credits twice.
+    pub async fn credit(
         &self,
         org_id: &str,
+        kind: CreditKind,
         amount_micros: i64,
         reference: &str,
         description: &str,
@@ -516,7 +556,8 @@ impl ControlPlane {
         let ledger = self.ledger(org_id).await?;
         call(
             &ledger,
-            |reply| LedgerMsg::Deposit {
+            |reply| LedgerMsg::Credit {
+                kind,
                 amount_micros,
                 reference: reference.to_string(),
                 description: description.to_string(),
@@ -530,6 +571,35 @@ impl ControlPlane {
     pub async fn billing(&self, org_id: &str) -> Result<LedgerSummary> {
         let ledger = self.ledger(org_id).await?;
         call(&ledger, LedgerMsg::Summary, QUICK).await
+    }
+
+    /// Changes an org's plan, exemption or quota.
+    pub async fn configure_billing(
+        &self,
+        org_id: &str,
+        settings: BillingSettings,
+    ) -> Result<LedgerSummary> {
+        if self.inner.store.get_org(org_id).await?.is_none() {
+            return Err(CorralError::NotFound("organisation"));
+        }
+        let ledger = self.ledger(org_id).await?;
+        call(
+            &ledger,
+            |reply| LedgerMsg::Configure { settings, reply },
+            QUICK,
+        )
+        .await?
+    }
+
+    /// Checks every org's ledger: the balance equals the sum of its entries
+    /// and no sandbox was charged twice for any instant.
+    pub async fn audit_ledgers(&self) -> Result<Vec<LedgerAudit>> {
+        let mut audits = Vec::new();
+        for org in self.inner.store.list_orgs().await? {
+            let ledger = self.ledger(&org.id).await?;
+            audits.push(call(&ledger, LedgerMsg::Audit, QUICK).await??);
+        }
+        Ok(audits)
     }
 
     // ---- operators -----------------------------------------------------

@@ -15,6 +15,11 @@ pub enum CorralError {
     InvalidState(String),
     #[error("{0}")]
     Conflict(String),
+    /// The org lacks the credit (or is suspended) for this.
+    #[error("{0}")]
+    PaymentRequired(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error(
         "no host has room for {requested_cpu_millis} mCPU and {requested_memory_mb} MiB \
          (largest free slot: {largest_free_cpu_millis} mCPU, {largest_free_memory_mb} MiB)"

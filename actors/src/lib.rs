@@ -3,6 +3,7 @@
 //! [`ControlPlane`].
 
 pub mod actors;
+pub mod billing;
 pub mod control_plane;
 pub mod domain;
 pub mod error;

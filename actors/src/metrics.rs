@@ -15,6 +15,11 @@ impl Counter {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn add(&self, n: i64) {
+        self.0
+            .fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -37,6 +42,10 @@ pub struct Counters {
     pub ttl_expired: Counter,
     /// Transitional states given up after their deadline.
     pub transitions_expired: Counter,
+    /// Micro-units charged for usage.
+    pub usage_charged_micros: Counter,
+    /// Changes of an org's billing status.
+    pub billing_transitions: Counter,
 }
 
 /// A cheap handle on the control plane's counters.
@@ -54,7 +63,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let c = &self.0;
-        let rows: [(&str, &str, &Counter); 8] = [
+        let rows: [(&str, &str, &Counter); 10] = [
             (
                 "corral_drift_orphans_total",
                 "Containers found on hosts that no live sandbox accounts for.",
@@ -94,6 +103,16 @@ impl Metrics {
                 "corral_transitions_expired_total",
                 "Transitional states given up after their deadline.",
                 &c.transitions_expired,
+            ),
+            (
+                "corral_usage_charged_micros_total",
+                "Micro-units charged for sandbox usage.",
+                &c.usage_charged_micros,
+            ),
+            (
+                "corral_billing_transitions_total",
+                "Changes of an organisation's billing status.",
+                &c.billing_transitions,
             ),
         ];
         let mut out = String::new();

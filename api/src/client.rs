@@ -197,10 +197,14 @@ pub enum AdminCommand {
     },
     /// List hosts with their state, capacity and allocation.
     Hosts,
-    /// Deposit credits into an organisation's balance.
+    /// Credit an organisation: a deposit, an adjustment (may be negative) or
+    /// a refund.
     Credits {
         /// Organisation id.
         org_id: String,
+        /// deposit, adjustment or refund.
+        #[arg(long, default_value = "deposit")]
+        kind: String,
         /// Amount in millionths of the currency unit.
         #[arg(long, value_name = "N", allow_negative_numbers = true)]
         amount_micros: i64,
@@ -211,6 +215,148 @@ pub enum AdminCommand {
         #[arg(long)]
         description: Option<String>,
     },
+    /// Show an organisation's billing (balance, status, plan, quota).
+    OrgBilling {
+        /// Organisation id.
+        org_id: String,
+    },
+    /// Change an organisation's plan, exemption or quota (the quota flags
+    /// replace the whole quota when any is given).
+    SetBilling {
+        /// Organisation id.
+        org_id: String,
+        /// Price plan name.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Metered but never gated (true/false).
+        #[arg(long)]
+        exempt: Option<bool>,
+        #[arg(long, value_name = "N")]
+        max_sandboxes: Option<u64>,
+        #[arg(long, value_name = "N")]
+        max_cpu_millis: Option<u64>,
+        #[arg(long, value_name = "N")]
+        max_memory_mb: Option<u64>,
+        #[arg(long, value_name = "N")]
+        max_ttl_seconds: Option<u64>,
+    },
+    /// List price plans.
+    Plans,
+    /// Create a price plan (prices in micro-units per hour).
+    CreatePlan {
+        name: String,
+        #[arg(long, value_name = "N")]
+        cpu_micros_per_vcpu_hour: i64,
+        #[arg(long, value_name = "N")]
+        memory_micros_per_gib_hour: i64,
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        stopped_memory_micros_per_gib_hour: i64,
+    },
+    /// Verify every ledger: balance = sum of entries, no period charged
+    /// twice. Exits 1 if anything is off.
+    BillingAudit,
+}
+
+/// Your organisation's money (needs CORRAL_API_KEY).
+#[derive(clap::Subcommand, Debug)]
+pub enum BillingCommand {
+    /// Balance, status, plan, burn rate and quota.
+    Show,
+    /// Ledger entries, oldest first.
+    Ledger {
+        /// Entries after this id.
+        #[arg(long, value_name = "ID")]
+        after: Option<i64>,
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: u32,
+    },
+    /// Usage per sandbox and per day between two dates.
+    Usage {
+        /// RFC 3339 time or YYYY-MM-DD (default: 30 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// Exclusive end (default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+pub async fn run_billing(conn: &Connection, cmd: BillingCommand) -> anyhow::Result<ExitCode> {
+    let api = Api::new(conn, Auth::Org)?;
+    match cmd {
+        BillingCommand::Show => {
+            let answer = api
+                .call(Method::GET, api.url(&["v1", "billing"], &[]), None)
+                .await?;
+            print!("{}", billing_summary(&answer));
+        }
+        BillingCommand::Ledger { after, limit } => {
+            let after = after.map(|a| a.to_string());
+            let limit = limit.to_string();
+            let mut query = vec![("limit", limit.as_str())];
+            if let Some(after) = &after {
+                query.push(("after", after.as_str()));
+            }
+            let answer = api
+                .call(
+                    Method::GET,
+                    api.url(&["v1", "billing", "ledger"], &query),
+                    None,
+                )
+                .await?;
+            let rows: Vec<Vec<String>> = answer["entries"]
+                .as_array()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                show_int(int_field(e, &["id"])),
+                                field(e, "kind"),
+                                int_field(e, &["amount_micros"]).map_or("?".into(), micros),
+                                field(e, "sandbox_id"),
+                                field(e, "description"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!(
+                "{}",
+                render_table(&["ID", "KIND", "AMOUNT", "SANDBOX", "DESCRIPTION"], &rows)
+            );
+            if let Some(next) = int_field(&answer, &["next"]) {
+                println!("more: --after {next}");
+            }
+        }
+        BillingCommand::Usage { from, to } => {
+            let mut query = Vec::new();
+            if let Some(from) = &from {
+                query.push(("from", from.as_str()));
+            }
+            if let Some(to) = &to {
+                query.push(("to", to.as_str()));
+            }
+            let answer = api
+                .call(Method::GET, api.url(&["v1", "usage"], &query), None)
+                .await?;
+            println!("{}", pretty(&answer));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn billing_summary(b: &Value) -> String {
+    let amount = |key: &str| int_field(b, &[key]).map_or("?".into(), micros);
+    format!(
+        "org {}: {} balance {} (held {}), burn {}/h, plan {}\n",
+        field(b, "org_id"),
+        field(b, "status"),
+        amount("balance_micros"),
+        amount("held_micros"),
+        amount("burn_rate_micros_per_hour"),
+        b.get("plan").map_or("-".into(), |p| field(p, "name")),
+    )
 }
 
 /// Parses `K=V` (the value may itself contain `=`; the key may not be empty).
@@ -963,13 +1109,132 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
             );
             Ok(ExitCode::SUCCESS)
         }
+        AdminCommand::OrgBilling { org_id } => {
+            let url = api.url(&["v1", "admin", "orgs", &org_id, "billing"], &[]);
+            print!(
+                "{}",
+                billing_summary(&api.call(Method::GET, url, None).await?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::SetBilling {
+            org_id,
+            plan,
+            exempt,
+            max_sandboxes,
+            max_cpu_millis,
+            max_memory_mb,
+            max_ttl_seconds,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(plan) = plan {
+                body.insert("plan".into(), Value::from(plan));
+            }
+            if let Some(exempt) = exempt {
+                body.insert("exempt".into(), Value::from(exempt));
+            }
+            let limits = [
+                max_sandboxes,
+                max_cpu_millis,
+                max_memory_mb,
+                max_ttl_seconds,
+            ];
+            if limits.iter().any(Option::is_some) {
+                body.insert(
+                    "quota".into(),
+                    json!({
+                        "max_sandboxes": max_sandboxes,
+                        "max_cpu_millis": max_cpu_millis,
+                        "max_memory_mb": max_memory_mb,
+                        "max_ttl_seconds": max_ttl_seconds,
+                    }),
+                );
+            }
+            let url = api.url(&["v1", "admin", "orgs", &org_id, "billing"], &[]);
+            let answer = api
+                .call(Method::PUT, url, Some(&Value::Object(body)))
+                .await?;
+            print!("{}", billing_summary(&answer));
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Plans => {
+            let answer = api
+                .call(Method::GET, api.url(&["v1", "admin", "plans"], &[]), None)
+                .await?;
+            let rows: Vec<Vec<String>> = answer["plans"]
+                .as_array()
+                .map(|plans| {
+                    plans
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                field(p, "name"),
+                                int_field(p, &["cpu_micros_per_vcpu_hour"])
+                                    .map_or("?".into(), micros),
+                                int_field(p, &["memory_micros_per_gib_hour"])
+                                    .map_or("?".into(), micros),
+                                int_field(p, &["stopped_memory_micros_per_gib_hour"])
+                                    .map_or("?".into(), micros),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print!(
+                "{}",
+                render_table(
+                    &["NAME", "VCPU-HOUR", "GIB-HOUR", "STOPPED GIB-HOUR"],
+                    &rows
+                )
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::CreatePlan {
+            name,
+            cpu_micros_per_vcpu_hour,
+            memory_micros_per_gib_hour,
+            stopped_memory_micros_per_gib_hour,
+        } => {
+            let body = json!({
+                "name": name,
+                "cpu_micros_per_vcpu_hour": cpu_micros_per_vcpu_hour,
+                "memory_micros_per_gib_hour": memory_micros_per_gib_hour,
+                "stopped_memory_micros_per_gib_hour": stopped_memory_micros_per_gib_hour,
+            });
+            let answer = api
+                .call(
+                    Method::POST,
+                    api.url(&["v1", "admin", "plans"], &[]),
+                    Some(&body),
+                )
+                .await?;
+            println!("plan {} ({})", field(&answer, "name"), field(&answer, "id"));
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::BillingAudit => {
+            let answer = api
+                .call(
+                    Method::GET,
+                    api.url(&["v1", "admin", "billing", "audit"], &[]),
+                    None,
+                )
+                .await?;
+            println!("{}", pretty(&answer));
+            Ok(if answer["ok"] == Value::Bool(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         AdminCommand::Credits {
             org_id,
+            kind,
             amount_micros,
             reference,
             description,
         } => {
-            let mut body = json!({ "amount_micros": amount_micros, "reference": reference });
+            let mut body =
+                json!({ "kind": kind, "amount_micros": amount_micros, "reference": reference });
             if let (Some(d), Value::Object(map)) = (description, &mut body) {
                 map.insert("description".into(), Value::from(d));
             }

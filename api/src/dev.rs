@@ -93,6 +93,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `corral dev` credits its org with once: 100 units of money.
+const DEV_CREDIT_MICROS: i64 = 100_000_000;
+
 pub async fn run(mut config: DevConfig) -> anyhow::Result<()> {
     let admin_token = match config.server.admin_token.clone() {
         Some(token) => token,
@@ -109,6 +112,19 @@ pub async fn run(mut config: DevConfig) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("creating the dev org: {e}"))?,
     };
+    // Credit to play with (idempotent: the same reference every start), so
+    // the dev stack shows metering and the credit gate as production does.
+    server
+        .control_plane
+        .credit(
+            &org.id,
+            corral_actors::actors::ledger::CreditKind::Deposit,
+            DEV_CREDIT_MICROS,
+            "dev-initial",
+            "corral dev opening credit",
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("crediting the dev org: {e}"))?;
     let key = store
         .create_api_key(&org.id, "corral dev")
         .await

@@ -68,6 +68,10 @@ impl From<CorralError> for ApiError {
             CorralError::InvalidArgument(m) => Self::new(S::BAD_REQUEST, "invalid_argument", m),
             CorralError::InvalidState(m) => Self::new(S::CONFLICT, "invalid_state", m),
             CorralError::Conflict(m) => Self::new(S::CONFLICT, "conflict", m),
+            CorralError::PaymentRequired(m) => {
+                Self::new(S::PAYMENT_REQUIRED, "payment_required", m)
+            }
+            CorralError::QuotaExceeded(m) => Self::new(S::FORBIDDEN, "quota_exceeded", m),
             CorralError::NoCapacity { .. } => {
                 Self::new(S::SERVICE_UNAVAILABLE, "no_capacity", err.to_string())
             }

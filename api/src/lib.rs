@@ -2,6 +2,7 @@
 //! service (tonic), authentication, server start-up and the `corral` CLI.
 
 pub mod auth;
+pub mod billing;
 pub mod client;
 pub mod dev;
 pub mod error;

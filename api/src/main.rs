@@ -28,6 +28,9 @@ enum Command {
     /// Operator commands (needs CORRAL_ADMIN_TOKEN).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Your organisation's balance, ledger and usage (needs CORRAL_API_KEY).
+    #[command(subcommand)]
+    Billing(client::BillingCommand),
 }
 
 fn init_logging() {
@@ -58,6 +61,7 @@ async fn main() -> ExitCode {
         }
         Command::Sandbox(cmd) => client::run_sandbox(&cli.connection, cmd).await,
         Command::Admin(cmd) => client::run_admin(&cli.connection, cmd).await,
+        Command::Billing(cmd) => client::run_billing(&cli.connection, cmd).await,
     };
     match result {
         Ok(code) => code,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{AdminCaller, OrgCaller};
+use crate::billing;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
 
@@ -49,6 +50,13 @@ where
 #[serde(deny_unknown_fields)]
 pub struct CreateOrgRequest {
     pub name: String,
+    /// An opening deposit, in micro-units (reference `initial`).
+    pub credits_micros: Option<i64>,
+    /// A price plan name (default: `default`).
+    pub plan: Option<String>,
+    /// Metered but never gated.
+    pub exempt: Option<bool>,
+    pub quota: Option<crate::billing::QuotaView>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -313,33 +321,6 @@ pub struct ExecResponse {
     pub timed_out: bool,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DepositRequest {
-    pub amount_micros: i64,
-    /// Idempotency reference: the same reference never credits twice.
-    pub reference: String,
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct BillingView {
-    pub org_id: String,
-    pub balance_micros: i64,
-    pub status: String,
-}
-
-impl From<corral_actors::actors::ledger::LedgerSummary> for BillingView {
-    fn from(s: corral_actors::actors::ledger::LedgerSummary) -> Self {
-        Self {
-            org_id: s.org_id,
-            balance_micros: s.balance_micros,
-            status: s.status.as_str().to_string(),
-        }
-    }
-}
-
 #[derive(Debug, Deserialize)]
 pub struct WaitQuery {
     #[serde(default = "default_wait")]
@@ -423,7 +404,7 @@ fn validate_exec(req: ExecRequest) -> Result<ExecSpec, ApiError> {
     })
 }
 
-fn validate_display_name(what: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_display_name(what: &str, name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
         Err(ApiError::bad_request(format!(
             "{what} must be 1-128 printable characters"
@@ -497,9 +478,39 @@ async fn create_org(
     ApiJson(req): ApiJson<CreateOrgRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedOrg>)> {
     validate_display_name("name", &req.name)?;
+    // Everything that can be refused is checked before anything is written.
+    if let Some(amount) = req.credits_micros {
+        domain::validate_range("credits_micros", amount, 0, billing::MAX_CREDIT_MICROS)?;
+    }
     let store = state.control_plane.store();
+    if let Some(plan) = &req.plan {
+        if store.find_plan_by_name(plan).await?.is_none() {
+            return Err(ApiError::bad_request(format!("no plan named {plan:?}")));
+        }
+    }
     let org = store.create_org(&req.name).await?;
     let key = store.create_api_key(&org.id, "initial").await?;
+    if req.plan.is_some() || req.exempt.is_some() || req.quota.is_some() {
+        let settings = crate::billing::BillingSettingsRequest {
+            plan: req.plan,
+            exempt: req.exempt,
+            quota: req.quota,
+        };
+        crate::billing::configure(&state, &org.id, settings).await?;
+    }
+    if let Some(amount) = req.credits_micros.filter(|a| *a != 0) {
+        state
+            .control_plane
+            .credit(
+                &org.id,
+                corral_actors::actors::ledger::CreditKind::Deposit,
+                amount,
+                "initial",
+                "opening credit",
+            )
+            .await?;
+    }
+    let org = store.get_org(&org.id).await?.unwrap_or(org);
     Ok((
         StatusCode::CREATED,
         Json(CreatedOrg {
@@ -515,22 +526,6 @@ async fn list_orgs(_: AdminCaller, State(state): State<AppState>) -> ApiResult<J
     Ok(Json(OrgList {
         orgs: orgs.into_iter().map(Into::into).collect(),
     }))
-}
-
-#[utoipa::path(post, path = "/v1/admin/orgs/{id}/credits", request_body = DepositRequest,
-    responses((status = 200, body = BillingView), (status = 404, body = ErrorBody)), tag = "admin")]
-async fn deposit_credits(
-    _: AdminCaller,
-    State(state): State<AppState>,
-    Path(org_id): Path<String>,
-    ApiJson(req): ApiJson<DepositRequest>,
-) -> ApiResult<Json<BillingView>> {
-    validate_display_name("reference", &req.reference)?;
-    let summary = state
-        .control_plane
-        .deposit(&org_id, req.amount_micros, &req.reference, &req.description)
-        .await?;
-    Ok(Json(summary.into()))
 }
 
 #[utoipa::path(post, path = "/v1/admin/host-tokens", request_body = CreateHostTokenRequest,
@@ -673,13 +668,6 @@ async fn revoke_api_key(
         .revoke_api_key(&caller.org_id, &id)
         .await?;
     Ok(Json(key.into()))
-}
-
-#[utoipa::path(get, path = "/v1/billing", responses((status = 200, body = BillingView)), tag = "org")]
-async fn billing(caller: OrgCaller, State(state): State<AppState>) -> ApiResult<Json<BillingView>> {
-    Ok(Json(
-        state.control_plane.billing(&caller.org_id).await?.into(),
-    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
@@ -865,10 +853,13 @@ async fn no_route() -> ApiError {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Corral", description = "Sandbox orchestrator REST API. Authenticate with `Authorization: Bearer <API key>` (org routes) or the platform admin token (admin routes)."),
-    paths(healthz, readyz, create_org, list_orgs, deposit_credits, create_host_token, list_host_tokens,
-        revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key, billing,
+    paths(healthz, readyz, create_org, list_orgs, create_host_token, list_host_tokens,
+        revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key,
+        billing::get_billing, billing::get_ledger, billing::get_usage, billing::credit_org,
+        billing::get_org_billing, billing::set_org_billing, billing::create_plan, billing::list_plans,
+        billing::audit,
         create_sandbox, list_sandboxes, get_sandbox, start_sandbox, stop_sandbox, destroy_sandbox, exec_sandbox),
-    tags((name = "sandboxes"), (name = "org"), (name = "admin"))
+    tags((name = "sandboxes"), (name = "org"), (name = "billing"), (name = "admin"))
 )]
 pub struct ApiDoc;
 
@@ -880,7 +871,16 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics))
         .route("/v1/admin/orgs", post(create_org).get(list_orgs))
-        .route("/v1/admin/orgs/{id}/credits", post(deposit_credits))
+        .route("/v1/admin/orgs/{id}/credits", post(billing::credit_org))
+        .route(
+            "/v1/admin/orgs/{id}/billing",
+            get(billing::get_org_billing).put(billing::set_org_billing),
+        )
+        .route(
+            "/v1/admin/plans",
+            post(billing::create_plan).get(billing::list_plans),
+        )
+        .route("/v1/admin/billing/audit", get(billing::audit))
         .route(
             "/v1/admin/host-tokens",
             post(create_host_token).get(list_host_tokens),
@@ -890,7 +890,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/actors", get(actor_tree))
         .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
         .route("/v1/api-keys/{id}", delete(revoke_api_key))
-        .route("/v1/billing", get(billing))
+        .route("/v1/billing", get(billing::get_billing))
+        .route("/v1/billing/ledger", get(billing::get_ledger))
+        .route("/v1/usage", get(billing::get_usage))
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route(
             "/v1/sandboxes/{id}",

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use corral_actors::actors::Timeouts;
+use corral_actors::billing::BillingPolicy;
 use corral_actors::store::hash_secret;
 use corral_actors::{ControlPlane, ControlPlaneConfig};
 use tokio::net::TcpListener;
@@ -57,6 +58,27 @@ pub struct ServerConfig {
     /// before the step is given up, in milliseconds.
     #[arg(long, env = "CORRAL_TRANSITION_DEADLINE_MS", default_value_t = 600_000)]
     pub transition_deadline_ms: u64,
+    /// How often running sandboxes are charged, in milliseconds.
+    #[arg(long, env = "CORRAL_BILLING_INTERVAL_MS", default_value_t = 10_000)]
+    pub billing_interval_ms: u64,
+    /// At or below this balance (micro-units) an org is in `warning`.
+    #[arg(
+        long,
+        env = "CORRAL_BILLING_WARNING_MICROS",
+        default_value_t = 1_000_000
+    )]
+    pub billing_warning_micros: i64,
+    /// How long an org without credit stays in `grace` before it is
+    /// suspended, in milliseconds.
+    #[arg(long, env = "CORRAL_BILLING_GRACE_MS", default_value_t = 900_000)]
+    pub billing_grace_ms: u64,
+    /// A create or start needs the balance, less the holds of live
+    /// sandboxes, to stay at or above this (micro-units).
+    #[arg(long, env = "CORRAL_BILLING_MIN_BALANCE_MICROS", default_value_t = 0)]
+    pub billing_min_balance_micros: i64,
+    /// The running time each live sandbox holds credit for, in milliseconds.
+    #[arg(long, env = "CORRAL_BILLING_HOLD_WINDOW_MS", default_value_t = 60_000)]
+    pub billing_hold_window_ms: u64,
 }
 
 impl ServerConfig {
@@ -74,6 +96,11 @@ impl ServerConfig {
             reconcile_interval_ms: 30_000,
             orphan_grace_ms: 60_000,
             transition_deadline_ms: 600_000,
+            billing_interval_ms: 10_000,
+            billing_warning_micros: 1_000_000,
+            billing_grace_ms: 900_000,
+            billing_min_balance_micros: 0,
+            billing_hold_window_ms: 60_000,
         }
     }
 
@@ -109,6 +136,24 @@ impl ServerConfig {
                 "--transition-deadline-ms",
                 self.transition_deadline_ms,
                 1_000,
+                86_400_000,
+            ),
+            (
+                "--billing-interval-ms",
+                self.billing_interval_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "--billing-grace-ms",
+                self.billing_grace_ms,
+                0,
+                30 * 86_400_000,
+            ),
+            (
+                "--billing-hold-window-ms",
+                self.billing_hold_window_ms,
+                0,
                 86_400_000,
             ),
         ] {
@@ -154,9 +199,17 @@ impl Server {
             transition_deadline: Duration::from_millis(config.transition_deadline_ms),
             ..Timeouts::default()
         };
+        let billing = BillingPolicy {
+            interval: Duration::from_millis(config.billing_interval_ms),
+            warning_threshold_micros: config.billing_warning_micros,
+            grace: Duration::from_millis(config.billing_grace_ms),
+            min_balance_micros: config.billing_min_balance_micros,
+            hold_window: Duration::from_millis(config.billing_hold_window_ms),
+        };
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             database_url: config.database_url(),
             timeouts,
+            billing,
         })
         .await
         .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;

@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The credit test orgs start with: enough for any test's sandboxes.
+pub const TEST_CREDITS_MICROS: i64 = 1_000_000_000;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
@@ -185,11 +188,16 @@ impl TestServer {
     }
 
     /// Creates an org; returns its id and a client holding its API key.
+    /// Creates an org with ample credit ([`TEST_CREDITS_MICROS`]); returns
+    /// its id and a client holding its API key.
     pub async fn create_org(&self, name: &str) -> (String, Api) {
-        let (status, body) = self
-            .admin()
-            .post("/v1/admin/orgs", json!({ "name": name }))
-            .await;
+        self.create_org_with(json!({ "name": name, "credits_micros": TEST_CREDITS_MICROS }))
+            .await
+    }
+
+    /// Creates an org from a full request body (credits, plan, quota...).
+    pub async fn create_org_with(&self, request: Value) -> (String, Api) {
+        let (status, body) = self.admin().post("/v1/admin/orgs", request).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let org_id = body["org"]["id"].as_str().expect("org id").to_string();
         let key = body["api_key"]["secret"].as_str().expect("key").to_string();
@@ -687,7 +695,10 @@ impl RuncStack {
 
         let (status, org) = stack
             .admin
-            .post("/v1/admin/orgs", json!({"name": "runc"}))
+            .post(
+                "/v1/admin/orgs",
+                json!({"name": "runc", "credits_micros": TEST_CREDITS_MICROS}),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{org}");
         stack.api = Api::new(&base, org["api_key"]["secret"].as_str().expect("key"));

@@ -441,9 +441,10 @@ async fn operators_see_the_actor_tree_hosts_and_spec() {
             json!({"amount_micros": 5_000_000, "reference": "invoice-1"}),
         )
         .await;
-    assert_eq!(again["balance_micros"], 5_000_000);
+    let expected = corral_tests::TEST_CREDITS_MICROS + 5_000_000;
+    assert_eq!(again["balance_micros"], expected);
     let (_, billing) = api.get("/v1/billing").await;
-    assert_eq!(billing["balance_micros"], 5_000_000);
+    assert_eq!(billing["balance_micros"], expected);
     assert_eq!(billing["status"], "active");
 }
 

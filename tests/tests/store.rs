@@ -238,6 +238,9 @@ async fn ledger_is_idempotent(store: &Store) {
         idempotency_key: key.into(),
         sandbox_id: None,
         description: String::new(),
+        period_start: None,
+        period_end: None,
+        carry: None,
     };
     let (_, inserted) = store
         .append_ledger_entry(entry("k1", 5_000_000))

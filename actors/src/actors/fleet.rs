@@ -35,6 +35,7 @@ pub enum FleetMsg {
 pub struct FleetArgs {
     pub store: Store,
     pub scheduler: ActorRef<SchedulerMsg>,
+    pub orgs: ActorRef<super::ledger::OrgsMsg>,
     pub timeouts: Timeouts,
     pub prefix: String,
     pub metrics: Metrics,
@@ -215,6 +216,7 @@ impl FleetSupervisor {
                 host_id: host_id.to_string(),
                 store: state.args.store.clone(),
                 scheduler: state.args.scheduler.clone(),
+                orgs: state.args.orgs.clone(),
                 timeouts: state.args.timeouts.clone(),
                 prefix: state.args.prefix.clone(),
                 metrics: state.args.metrics.clone(),

@@ -1,41 +1,177 @@
 //! The OrgsSupervisor and one LedgerActor per organisation. The ledger actor
-//! is the only writer of its org's balance: every change goes through its
-//! mailbox, so checks and debits cannot race (LESSONS 24). Entries are
-//! append-only with a unique idempotency key (LESSONS 23); the balance is
-//! their sum, loaded at start. Amounts are integer micro-units (LESSONS 25).
+//! is the only writer of its org's money and billing settings: every change
+//! goes through its mailbox, so checks and debits cannot race (LESSONS 24).
 //!
-//! This is the minimal ledger of the walking skeleton: deposits, balance,
-//! billing status and the credit gate on suspended orgs. Metering and the
-//! status machine come with the billing issue.
+//! It owns:
+//! - the balance (the sum of the org's append-only entries, each with a
+//!   unique idempotency key: LESSONS 23), in integer micro-units (LESSONS 25);
+//! - the meters of the org's sandboxes: each running (or kept stopped)
+//!   sandbox is charged in contiguous periods, every `interval` and at every
+//!   change of what it does, told by its SandboxActor (and re-synchronised
+//!   from the sandbox rows on every tick, so a lost message costs nothing);
+//!   the arithmetic is [`crate::billing`];
+//! - the credit gate and quotas: a create reserves a hold (one window of its
+//!   running cost) and its resources in this mailbox, so concurrent creates
+//!   cannot overdraw the org or exceed its quota;
+//! - the billing-status machine (active, warning, grace, suspended, exempt):
+//!   each transition is persisted with the org, recorded as a billing event,
+//!   logged, counted and handed to the [`BillingHook`]; a suspended org's
+//!   sandboxes are stopped.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde::Serialize;
 
 use super::names;
-use crate::domain::BillingStatus;
+use super::sandbox::SandboxMsg;
+use super::supervision::{RestartBudget, RestartPolicy};
+use crate::billing::{self, BillingPolicy, Meter, MeterPhase, Plan, Quota, Usage, UsageCharge};
+use crate::domain::{BillingStatus, DesiredState, Resources, SandboxState};
 use crate::error::CorralError;
-use crate::store::{NewLedgerEntry, Store};
+use crate::metrics::Metrics;
+use crate::store::{org, price_plan, sandbox, NewLedgerEntry, Store};
+
+/// A change of an org's billing status, as recorded and handed to hooks.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BillingTransition {
+    pub org_id: String,
+    pub from: BillingStatus,
+    pub to: BillingStatus,
+    pub balance_micros: i64,
+    pub reason: String,
+}
+
+/// Where billing notifications go (a webhook sender, a mailer). Called from
+/// the ledger actor: implementations must not block; hand work to a task.
+pub trait BillingHook: Send + Sync + 'static {
+    fn status_changed(&self, transition: &BillingTransition);
+}
+
+/// The default hook: the transition is logged (the ledger also records it
+/// in the database and counts it).
+#[derive(Debug, Default)]
+pub struct LogHook;
+
+impl BillingHook for LogHook {
+    fn status_changed(&self, t: &BillingTransition) {
+        tracing::info!(org.id = %t.org_id, from = %t.from, to = %t.to, balance_micros = t.balance_micros, reason = %t.reason, "billing status changed");
+    }
+}
+
+/// Everything the billing of an org depends on, shared by its ledgers.
+#[derive(Clone)]
+pub struct BillingContext {
+    pub store: Store,
+    pub policy: BillingPolicy,
+    pub hook: Arc<dyn BillingHook>,
+    pub metrics: Metrics,
+    pub prefix: String,
+}
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct LedgerSummary {
     pub org_id: String,
     pub balance_micros: i64,
     pub status: BillingStatus,
+    pub exempt: bool,
+    pub plan: Plan,
+    pub quota: Quota,
+    /// What the org's live sandboxes use.
+    pub usage: Usage,
+    /// What running and kept sandboxes cost now, per hour.
+    pub burn_rate_micros_per_hour: i64,
+    /// Credit held for the live sandboxes' next window of running.
+    pub held_micros: i64,
+    pub grace_deadline: Option<DateTime<Utc>>,
+}
+
+/// Kinds of credit an admin can enter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditKind {
+    /// Money paid in (positive).
+    Deposit,
+    /// A correction either way.
+    Adjustment,
+    /// Money given back for a fault (positive).
+    Refund,
+}
+
+impl CreditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deposit => "deposit",
+            Self::Adjustment => "adjustment",
+            Self::Refund => "refund",
+        }
+    }
+}
+
+/// What an admin may change about an org's billing.
+#[derive(Debug, Clone, Default)]
+pub struct BillingSettings {
+    pub plan_id: Option<String>,
+    pub exempt: Option<bool>,
+    pub quota: Option<Quota>,
+}
+
+/// The result of the audit of one org.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LedgerAudit {
+    pub org_id: String,
+    pub balance_micros: i64,
+    pub entries_sum_micros: i64,
+    /// Usage periods of one sandbox that overlap (a double charge).
+    pub overlapping_periods: u64,
+    pub ok: bool,
 }
 
 pub enum LedgerMsg {
-    /// Adds credits; `reference` makes the deposit idempotent.
-    Deposit {
+    /// Adds (or, for an adjustment, possibly removes) credit; `reference`
+    /// makes it idempotent.
+    Credit {
+        kind: CreditKind,
         amount_micros: i64,
         reference: String,
         description: String,
         reply: RpcReplyPort<Result<LedgerSummary, CorralError>>,
     },
     Summary(RpcReplyPort<LedgerSummary>),
-    /// May this org start new work?
-    AuthorizeCreate(RpcReplyPort<Result<(), CorralError>>),
+    /// May this org create a sandbox of these resources? On yes, its hold
+    /// and resources are reserved until [`LedgerMsg::Release`] or its end.
+    AuthorizeCreate {
+        sandbox_id: String,
+        resources: Resources,
+        ttl_seconds: Option<u64>,
+        /// Answered with the TTL the sandbox gets (the quota's maximum when
+        /// none was asked for and the quota has one).
+        reply: RpcReplyPort<Result<Option<u64>, CorralError>>,
+    },
+    /// May this org start one of its stopped sandboxes?
+    AuthorizeStart(RpcReplyPort<Result<(), CorralError>>),
+    /// A create that was authorized did not happen.
+    Release {
+        sandbox_id: String,
+    },
+    /// What a sandbox does changed at `at` (`None`: it no longer runs nor is
+    /// kept; metering ends).
+    Meter {
+        sandbox_id: String,
+        phase: Option<MeterPhase>,
+        resources: Resources,
+        at: DateTime<Utc>,
+    },
+    /// Charge every meter up to now and re-evaluate the status.
+    Tick,
+    Configure {
+        settings: BillingSettings,
+        reply: RpcReplyPort<Result<LedgerSummary, CorralError>>,
+    },
+    Audit(RpcReplyPort<Result<LedgerAudit, CorralError>>),
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -43,23 +179,133 @@ pub enum LedgerMsg {
 
 pub struct LedgerArgs {
     pub org_id: String,
-    pub store: Store,
+    pub context: BillingContext,
 }
 
 pub struct LedgerState {
-    org_id: String,
-    store: Store,
+    ctx: BillingContext,
+    org: org::Model,
+    plan: Plan,
     balance_micros: i64,
-    status: BillingStatus,
+    meters: HashMap<String, Meter>,
+    /// Live sandboxes (holding credit and quota), from their rows.
+    live: HashMap<String, Resources>,
+    /// Authorized creates whose row may not exist yet.
+    pending: HashMap<String, (Resources, Instant)>,
+}
+
+/// How long an authorized create keeps its reservation without a row.
+const PENDING_TTL: Duration = Duration::from_secs(120);
+
+/// What a sandbox in `state` is metered as, if at all. A sandbox being
+/// stopped still runs; one being started is still stopped; one being
+/// destroyed is no longer charged.
+pub fn metered_phase(state: SandboxState) -> Option<MeterPhase> {
+    match state {
+        SandboxState::Running | SandboxState::Stopping => Some(MeterPhase::Running),
+        SandboxState::Stopped | SandboxState::Starting => Some(MeterPhase::Stopped),
+        _ => None,
+    }
+}
+
+fn plan_of(model: price_plan::Model) -> Plan {
+    Plan {
+        id: model.id,
+        name: model.name,
+        cpu_micros_per_vcpu_hour: model.cpu_micros_per_vcpu_hour,
+        memory_micros_per_gib_hour: model.memory_micros_per_gib_hour,
+        stopped_memory_micros_per_gib_hour: model.stopped_memory_micros_per_gib_hour,
+    }
+}
+
+fn quota_of(org: &org::Model) -> Quota {
+    let limit = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    Quota {
+        max_sandboxes: limit(org.max_sandboxes),
+        max_cpu_millis: limit(org.max_cpu_millis),
+        max_memory_mb: limit(org.max_memory_mb),
+        max_ttl_seconds: limit(org.max_ttl_seconds),
+    }
+}
+
+fn resources_of(row: &sandbox::Model) -> Resources {
+    Resources {
+        cpu_millis: u64::try_from(row.cpu_millis).unwrap_or(0),
+        memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
+    }
 }
 
 impl LedgerState {
+    fn status(&self) -> BillingStatus {
+        BillingStatus::parse(&self.org.billing_status).unwrap_or(BillingStatus::Active)
+    }
+
+    fn reservations(&self) -> impl Iterator<Item = &Resources> {
+        self.live
+            .values()
+            .chain(self.pending.values().map(|(r, _)| r))
+    }
+
+    fn held_micros(&self) -> i64 {
+        self.reservations()
+            .map(|r| self.plan.hold(*r, self.ctx.policy.hold_window))
+            .fold(0i64, i64::saturating_add)
+    }
+
+    fn usage(&self) -> Usage {
+        self.reservations().fold(Usage::default(), |u, r| Usage {
+            sandboxes: u.sandboxes + 1,
+            cpu_millis: u.cpu_millis.saturating_add(r.cpu_millis),
+            memory_mb: u.memory_mb.saturating_add(r.memory_mb),
+        })
+    }
+
     fn summary(&self) -> LedgerSummary {
         LedgerSummary {
-            org_id: self.org_id.clone(),
+            org_id: self.org.id.clone(),
             balance_micros: self.balance_micros,
-            status: self.status,
+            status: self.status(),
+            exempt: self.org.billing_exempt,
+            plan: self.plan.clone(),
+            quota: quota_of(&self.org),
+            usage: self.usage(),
+            burn_rate_micros_per_hour: self
+                .meters
+                .values()
+                .map(|m| self.plan.hourly(m.phase, m.resources))
+                .fold(0i64, i64::saturating_add),
+            held_micros: self.held_micros(),
+            grace_deadline: self.org.grace_deadline,
         }
+    }
+
+    /// The credit gate: creating (or starting) is refused to a suspended
+    /// org, and to one whose balance, less every hold including `extra`,
+    /// would fall below the minimum.
+    fn gate(&self, extra_hold: i64) -> Result<(), CorralError> {
+        if self.org.billing_exempt {
+            return Ok(());
+        }
+        if self.status() == BillingStatus::Suspended {
+            return Err(CorralError::PaymentRequired(
+                "the organisation is suspended for lack of credit; add credit to resume".into(),
+            ));
+        }
+        let available = self
+            .balance_micros
+            .saturating_sub(self.held_micros())
+            .saturating_sub(extra_hold);
+        let minimum = self.ctx.policy.min_balance_micros;
+        if self.balance_micros <= minimum || available < minimum {
+            return Err(CorralError::PaymentRequired(format!(
+                "insufficient credit: the balance is {} micro-units, {} are held for running \
+                 sandboxes, and this needs {} more",
+                self.balance_micros,
+                self.held_micros(),
+                extra_hold
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -72,96 +318,521 @@ impl Actor for LedgerActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: LedgerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let org = args
-            .store
+        let store = &args.context.store;
+        let org = store
             .get_org(&args.org_id)
             .await?
             .ok_or_else(|| format!("org {} not found", args.org_id))?;
-        let balance_micros = args.store.ledger_balance(&args.org_id).await?;
-        Ok(LedgerState {
-            org_id: args.org_id,
-            store: args.store,
+        let plan = load_plan(store, org.plan_id.as_deref()).await?;
+        let balance_micros = store.ledger_balance(&args.org_id).await?;
+        let mut state = LedgerState {
+            ctx: args.context,
+            org,
+            plan,
             balance_micros,
-            status: BillingStatus::parse(&org.billing_status).unwrap_or(BillingStatus::Active),
-        })
+            meters: HashMap::new(),
+            live: HashMap::new(),
+            pending: HashMap::new(),
+        };
+        // Rebuild the meters from the rows and the entries: metering
+        // resumes where the last persisted period ended, so a restart
+        // neither skips nor repeats a period.
+        resync(&mut state).await?;
+        myself.send_interval(state.ctx.policy.interval, || LedgerMsg::Tick);
+        Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            LedgerMsg::Deposit {
+            LedgerMsg::Credit {
+                kind,
                 amount_micros,
                 reference,
                 description,
                 reply,
             } => {
-                let result = if amount_micros <= 0 {
-                    Err(CorralError::InvalidArgument(
-                        "a deposit must be a positive amount".into(),
-                    ))
-                } else {
-                    state
-                        .store
-                        .append_ledger_entry(NewLedgerEntry {
-                            org_id: state.org_id.clone(),
-                            kind: "deposit".into(),
-                            amount_micros,
-                            idempotency_key: format!("deposit:{}:{reference}", state.org_id),
-                            sandbox_id: None,
-                            description,
-                        })
-                        .await
-                        .map(|(_, inserted)| {
-                            if inserted {
-                                state.balance_micros += amount_micros;
-                            }
-                            state.summary()
-                        })
-                };
-                let _ = reply.send(result);
+                let result = credit(state, kind, amount_micros, reference, description).await;
+                if result.is_ok() {
+                    evaluate(state, "credit").await;
+                }
+                let _ = reply.send(result.map(|()| state.summary()));
             }
             LedgerMsg::Summary(reply) => {
                 let _ = reply.send(state.summary());
             }
-            LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org_id),
-            LedgerMsg::AuthorizeCreate(reply) => {
-                let result = match state.status {
-                    BillingStatus::Suspended => Err(CorralError::InvalidState(
-                        "the organisation is suspended for lack of credits".into(),
-                    )),
-                    _ => Ok(()),
-                };
+            LedgerMsg::AuthorizeCreate {
+                sandbox_id,
+                resources,
+                ttl_seconds,
+                reply,
+            } => {
+                let hold = state.plan.hold(resources, state.ctx.policy.hold_window);
+                let quota = quota_of(&state.org);
+                let result = billing::check_quota(&quota, state.usage(), resources, ttl_seconds)
+                    .and_then(|()| state.gate(hold))
+                    .map(|()| ttl_seconds.or(quota.max_ttl_seconds));
+                if result.is_ok() {
+                    state
+                        .pending
+                        .insert(sandbox_id, (resources, Instant::now()));
+                }
                 let _ = reply.send(result);
             }
+            LedgerMsg::AuthorizeStart(reply) => {
+                let _ = reply.send(state.gate(0));
+            }
+            LedgerMsg::Release { sandbox_id } => {
+                state.pending.remove(&sandbox_id);
+            }
+            LedgerMsg::Meter {
+                sandbox_id,
+                phase,
+                resources,
+                at,
+            } => {
+                meter_changed(state, &sandbox_id, phase, resources, at).await;
+            }
+            LedgerMsg::Tick => {
+                if let Err(err) = resync(state).await {
+                    tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; charging what is known");
+                }
+                charge_meters(state, Utc::now()).await;
+                evaluate(state, "metering").await;
+            }
+            LedgerMsg::Configure { settings, reply } => {
+                let result = configure(state, settings).await;
+                if result.is_ok() {
+                    evaluate(state, "settings changed").await;
+                }
+                let _ = reply.send(result.map(|()| state.summary()));
+            }
+            LedgerMsg::Audit(reply) => {
+                let _ = reply.send(audit(state).await);
+            }
+            LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
+        let _ = myself;
         Ok(())
     }
 }
 
+async fn load_plan(store: &Store, plan_id: Option<&str>) -> Result<Plan, CorralError> {
+    let id = plan_id.unwrap_or(corral_migrations::DEFAULT_PLAN_ID);
+    store
+        .get_plan(id)
+        .await?
+        .map(plan_of)
+        .ok_or_else(|| CorralError::Internal(format!("price plan {id} is missing")))
+}
+
+async fn credit(
+    state: &mut LedgerState,
+    kind: CreditKind,
+    amount_micros: i64,
+    reference: String,
+    description: String,
+) -> Result<(), CorralError> {
+    let valid = match kind {
+        CreditKind::Deposit | CreditKind::Refund => amount_micros > 0,
+        CreditKind::Adjustment => amount_micros != 0,
+    };
+    if !valid {
+        return Err(CorralError::InvalidArgument(format!(
+            "a {} needs a {} amount",
+            kind.as_str(),
+            if kind == CreditKind::Adjustment {
+                "non-zero"
+            } else {
+                "positive"
+            }
+        )));
+    }
+    let (_, inserted) = state
+        .ctx
+        .store
+        .append_ledger_entry(NewLedgerEntry {
+            org_id: state.org.id.clone(),
+            kind: kind.as_str().into(),
+            amount_micros,
+            idempotency_key: format!("{}:{}:{reference}", kind.as_str(), state.org.id),
+            sandbox_id: None,
+            description,
+            period_start: None,
+            period_end: None,
+            carry: None,
+        })
+        .await?;
+    if inserted {
+        state.balance_micros = state.balance_micros.saturating_add(amount_micros);
+    }
+    Ok(())
+}
+
+/// Re-reads the org's live sandboxes: reservations follow the rows, and
+/// meters start, change phase or end as the rows say (for changes whose
+/// message never arrived).
+async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
+    let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
+    let now = Instant::now();
+    state
+        .pending
+        .retain(|_, (_, at)| now.duration_since(*at) < PENDING_TTL);
+    state.live.clear();
+    let mut seen = std::collections::HashSet::new();
+    for row in &rows {
+        let Some(sandbox_state) = SandboxState::parse(&row.state) else {
+            continue;
+        };
+        if !sandbox_state.holds_capacity() {
+            continue;
+        }
+        state.pending.remove(&row.id);
+        state.live.insert(row.id.clone(), resources_of(row));
+        let Some(phase) = metered_phase(sandbox_state) else {
+            continue;
+        };
+        seen.insert(row.id.clone());
+        match state.meters.get(&row.id).map(|m| m.phase) {
+            Some(current) if current == phase => {}
+            Some(_) => {
+                meter_changed(
+                    state,
+                    &row.id,
+                    Some(phase),
+                    resources_of(row),
+                    row.updated_at,
+                )
+                .await
+            }
+            None => {
+                let meter = resume_meter(&state.ctx.store, row, phase).await?;
+                state.meters.insert(row.id.clone(), meter);
+            }
+        }
+    }
+    // Meters whose sandbox is no longer running nor kept: end them at the
+    // row's last change (or now, for a row that is gone).
+    let ended: Vec<String> = state
+        .meters
+        .keys()
+        .filter(|id| !seen.contains(*id))
+        .cloned()
+        .collect();
+    for id in ended {
+        let at = rows
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.updated_at)
+            .or(state
+                .ctx
+                .store
+                .get_sandbox_any_org(&id)
+                .await?
+                .map(|r| r.updated_at))
+            .unwrap_or_else(Utc::now);
+        let resources = state
+            .meters
+            .get(&id)
+            .map(|m| m.resources)
+            .unwrap_or_default();
+        meter_changed(state, &id, None, resources, at).await;
+    }
+    Ok(())
+}
+
+/// A meter for a sandbox found running or kept: it resumes after the last
+/// persisted period (with its carry), or starts when the sandbox did.
+async fn resume_meter(
+    store: &Store,
+    row: &sandbox::Model,
+    phase: MeterPhase,
+) -> Result<Meter, CorralError> {
+    let last = store
+        .last_usage(&row.id)
+        .await?
+        .and_then(|e| e.period_end.map(|end| (end, e.carry.unwrap_or(0))));
+    let since = match phase {
+        MeterPhase::Running => row.started_at.unwrap_or(row.updated_at),
+        MeterPhase::Stopped => row.updated_at,
+    };
+    let (billed_until, carry) = billing::resume_point(last, since);
+    Ok(Meter {
+        sandbox_id: row.id.clone(),
+        resources: resources_of(row),
+        phase,
+        billed_until,
+        carry,
+    })
+}
+
+/// A sandbox changed what it does at `at`: charge the old phase up to then,
+/// then meter the new one (or stop metering).
+async fn meter_changed(
+    state: &mut LedgerState,
+    sandbox_id: &str,
+    phase: Option<MeterPhase>,
+    resources: Resources,
+    at: DateTime<Utc>,
+) {
+    if let Some(meter) = state.meters.get(sandbox_id).cloned() {
+        if meter.phase == phase.unwrap_or(meter.phase) && phase.is_some() {
+            return;
+        }
+        if let Some(charge) = meter.charge(&state.plan, at) {
+            if persist_charges(state, vec![charge.clone()]).await.is_err() {
+                // Not persisted: keep the meter as it was; the next tick
+                // charges the whole span again with the same key.
+                return;
+            }
+        }
+        match phase {
+            Some(phase) => {
+                if let Some(m) = state.meters.get_mut(sandbox_id) {
+                    m.phase = phase;
+                    m.billed_until = m.billed_until.max(at);
+                }
+            }
+            None => {
+                state.meters.remove(sandbox_id);
+                state.live.remove(sandbox_id);
+                state.pending.remove(sandbox_id);
+            }
+        }
+    } else if let Some(phase) = phase {
+        state.pending.remove(sandbox_id);
+        state.live.insert(sandbox_id.to_string(), resources);
+        state.meters.insert(
+            sandbox_id.to_string(),
+            Meter {
+                sandbox_id: sandbox_id.to_string(),
+                resources,
+                phase,
+                billed_until: at,
+                carry: 0,
+            },
+        );
+    } else {
+        state.live.remove(sandbox_id);
+        state.pending.remove(sandbox_id);
+    }
+}
+
+/// Charges every meter up to `until`, in one transaction.
+async fn charge_meters(state: &mut LedgerState, until: DateTime<Utc>) {
+    let charges: Vec<UsageCharge> = state
+        .meters
+        .values()
+        .filter_map(|m| m.charge(&state.plan, until))
+        .collect();
+    let _ = persist_charges(state, charges).await;
+}
+
+/// Persists the charges that cost something (a charge below one micro-unit
+/// only moves the meter: after a restart the next period covers that span
+/// again, with the persisted carry, and comes to the same amount), then
+/// applies them to the meters and the balance.
+async fn persist_charges(
+    state: &mut LedgerState,
+    charges: Vec<UsageCharge>,
+) -> Result<(), CorralError> {
+    let (due, free): (Vec<UsageCharge>, Vec<UsageCharge>) =
+        charges.into_iter().partition(billing::is_persisted);
+    let entries = due
+        .iter()
+        .map(|c| NewLedgerEntry {
+            org_id: state.org.id.clone(),
+            kind: "usage".into(),
+            amount_micros: -c.micros,
+            idempotency_key: c.idempotency_key(),
+            sandbox_id: Some(c.sandbox_id.clone()),
+            description: format!(
+                "{} {} ms",
+                match c.phase {
+                    MeterPhase::Running => "running",
+                    MeterPhase::Stopped => "stopped",
+                },
+                (c.period_end - c.period_start).num_milliseconds()
+            ),
+            period_start: Some(c.period_start),
+            period_end: Some(c.period_end),
+            carry: Some(c.carry),
+        })
+        .collect();
+    let inserted = match state.ctx.store.append_ledger_entries(entries).await {
+        Ok(inserted) => inserted,
+        Err(err) => {
+            tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; it is charged on the next tick");
+            return Err(err);
+        }
+    };
+    for (charge, inserted) in due.iter().zip(inserted) {
+        if inserted {
+            state.balance_micros = state.balance_micros.saturating_sub(charge.micros);
+            state.ctx.metrics.usage_charged_micros.add(charge.micros);
+        }
+        if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
+            meter.apply(charge);
+        }
+    }
+    for charge in &free {
+        if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
+            meter.apply(charge);
+        }
+    }
+    Ok(())
+}
+
+/// Moves the org to the status its balance calls for, and enforces it.
+async fn evaluate(state: &mut LedgerState, reason: &str) {
+    let current = state.status();
+    let (next, deadline) = billing::next_status(
+        current,
+        state.org.billing_exempt,
+        state.balance_micros,
+        state.org.grace_deadline,
+        Utc::now(),
+        &state.ctx.policy,
+    );
+    if next != current || deadline != state.org.grace_deadline {
+        let mut org = state.org.clone();
+        org.billing_status = next.as_str().to_string();
+        org.grace_deadline = deadline;
+        match state.ctx.store.save_org(org).await {
+            Ok(saved) => state.org = saved,
+            Err(err) => {
+                tracing::warn!(org.id = %state.org.id, error = %err, "could not record the billing status; retrying on the next tick");
+                return;
+            }
+        }
+        if next != current {
+            let transition = BillingTransition {
+                org_id: state.org.id.clone(),
+                from: current,
+                to: next,
+                balance_micros: state.balance_micros,
+                reason: reason.to_string(),
+            };
+            if let Err(err) = state
+                .ctx
+                .store
+                .record_billing_event(
+                    &transition.org_id,
+                    current,
+                    next,
+                    state.balance_micros,
+                    reason,
+                )
+                .await
+            {
+                tracing::warn!(org.id = %state.org.id, error = %err, "could not record the billing event");
+            }
+            state.ctx.metrics.billing_transitions.inc();
+            state.ctx.hook.status_changed(&transition);
+        }
+    }
+    if next == BillingStatus::Suspended {
+        suspend_running(state);
+    }
+}
+
+/// Stops every sandbox of a suspended org that still runs (again on every
+/// tick, so one that finishes starting later is stopped too).
+fn suspend_running(state: &LedgerState) {
+    for meter in state
+        .meters
+        .values()
+        .filter(|m| m.phase == MeterPhase::Running)
+    {
+        let name = names::sandbox(&state.ctx.prefix, &meter.sandbox_id);
+        if let Some(cell) = ractor::registry::where_is(name) {
+            let actor: ActorRef<SandboxMsg> = cell.into();
+            let (reply, _) = tokio::sync::oneshot::channel();
+            tracing::info!(org.id = %state.org.id, sandbox.id = %meter.sandbox_id, "stopping a sandbox of a suspended org");
+            let _ = actor.cast(SandboxMsg::SetDesired {
+                desired: DesiredState::Stopped,
+                reply: reply.into(),
+            });
+        }
+    }
+}
+
+async fn configure(state: &mut LedgerState, settings: BillingSettings) -> Result<(), CorralError> {
+    let mut org = state.org.clone();
+    let mut plan = state.plan.clone();
+    if let Some(plan_id) = settings.plan_id {
+        plan = load_plan(&state.ctx.store, Some(&plan_id)).await?;
+        org.plan_id = Some(plan_id);
+    }
+    if let Some(exempt) = settings.exempt {
+        org.billing_exempt = exempt;
+    }
+    if let Some(quota) = settings.quota {
+        let limit = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        org.max_sandboxes = limit(quota.max_sandboxes);
+        org.max_cpu_millis = limit(quota.max_cpu_millis);
+        org.max_memory_mb = limit(quota.max_memory_mb);
+        org.max_ttl_seconds = limit(quota.max_ttl_seconds);
+    }
+    if plan != state.plan {
+        // Time so far is charged at the old prices.
+        charge_meters(state, Utc::now()).await;
+    }
+    state.org = state.ctx.store.save_org(org).await?;
+    state.plan = plan;
+    Ok(())
+}
+
+async fn audit(state: &LedgerState) -> Result<LedgerAudit, CorralError> {
+    let store = &state.ctx.store;
+    let entries_sum_micros = store.ledger_balance(&state.org.id).await?;
+    let mut periods: HashMap<String, Vec<billing::Period>> = HashMap::new();
+    for entry in store.all_usage(&state.org.id).await? {
+        if let (Some(sandbox), Some(start), Some(end)) =
+            (entry.sandbox_id, entry.period_start, entry.period_end)
+        {
+            periods.entry(sandbox).or_default().push((start, end));
+        }
+    }
+    let overlapping_periods = periods
+        .values_mut()
+        .map(|spans| billing::overlapping(spans))
+        .sum();
+    Ok(LedgerAudit {
+        org_id: state.org.id.clone(),
+        balance_micros: state.balance_micros,
+        entries_sum_micros,
+        overlapping_periods,
+        ok: entries_sum_micros == state.balance_micros && overlapping_periods == 0,
+    })
+}
+
 pub enum OrgsMsg {
-    /// The ledger actor of an org, started on first use.
+    /// The ledger actor of an org (started if needed).
     Ledger(
         String,
         RpcReplyPort<Result<ActorRef<LedgerMsg>, CorralError>>,
     ),
+    /// Hands a message to an org's ledger (started if needed).
+    Forward { org_id: String, message: LedgerMsg },
 }
 
 pub struct OrgsArgs {
-    pub store: Store,
-    pub prefix: String,
+    pub context: BillingContext,
 }
 
 pub struct OrgsState {
     args: OrgsArgs,
     ledgers: HashMap<String, ActorRef<LedgerMsg>>,
     by_actor: HashMap<ActorId, String>,
+    restarts: RestartBudget<String>,
 }
 
 pub struct OrgsSupervisor;
@@ -173,14 +844,20 @@ impl Actor for OrgsSupervisor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: OrgsArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(OrgsState {
+        let mut state = OrgsState {
             args,
             ledgers: HashMap::new(),
             by_actor: HashMap::new(),
-        })
+            restarts: RestartBudget::new(RestartPolicy::default()),
+        };
+        // Every org is metered from the start, whether or not anyone asks.
+        for org in state.args.context.store.list_orgs().await? {
+            ledger(&myself, &mut state, &org.id).await?;
+        }
+        Ok(state)
     }
 
     async fn handle(
@@ -191,49 +868,74 @@ impl Actor for OrgsSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             OrgsMsg::Ledger(org_id, reply) => {
-                if let Some(ledger) = state.ledgers.get(&org_id) {
-                    let _ = reply.send(Ok(ledger.clone()));
-                    return Ok(());
-                }
-                let spawned = Actor::spawn_linked(
-                    Some(names::ledger(&state.args.prefix, &org_id)),
-                    LedgerActor,
-                    LedgerArgs {
-                        org_id: org_id.clone(),
-                        store: state.args.store.clone(),
-                    },
-                    myself.get_cell(),
-                )
-                .await;
-                let result = match spawned {
-                    Ok((ledger, _)) => {
-                        state.by_actor.insert(ledger.get_id(), org_id.clone());
-                        state.ledgers.insert(org_id, ledger.clone());
-                        Ok(ledger)
-                    }
-                    Err(err) => Err(CorralError::Database(err.to_string())),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(ledger(&myself, state, &org_id).await);
             }
+            OrgsMsg::Forward { org_id, message } => match ledger(&myself, state, &org_id).await {
+                Ok(ledger) => {
+                    let _ = ledger.cast(message);
+                }
+                Err(err) => {
+                    tracing::warn!(org.id = %org_id, error = %err, "no ledger for a billing message; the next resync covers it");
+                }
+            },
         }
         Ok(())
     }
 
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // A ledger that stops or fails is forgotten and restarted from its
-        // entries on next use.
-        if let SupervisionEvent::ActorTerminated(cell, ..)
-        | SupervisionEvent::ActorFailed(cell, _) = event
-        {
-            if let Some(org_id) = state.by_actor.remove(&cell.get_id()) {
-                state.ledgers.remove(&org_id);
+        match event {
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                if let Some(org_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.ledgers.remove(&org_id);
+                }
             }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(org_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.ledgers.remove(&org_id);
+                    state.args.context.metrics.actor_restarts.inc();
+                    if !state.restarts.allow_restart(&org_id, Instant::now()) {
+                        return Err(format!("ledger {org_id} keeps failing (last: {error})").into());
+                    }
+                    // Restarted at once: metering must not wait for a request.
+                    tracing::error!(org.id = %org_id, %error, "ledger actor failed; restarting it from its entries");
+                    if let Err(err) = ledger(&myself, state, &org_id).await {
+                        tracing::error!(org.id = %org_id, error = %err, "could not restart the ledger; it starts on next use");
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
+}
+
+async fn ledger(
+    myself: &ActorRef<OrgsMsg>,
+    state: &mut OrgsState,
+    org_id: &str,
+) -> Result<ActorRef<LedgerMsg>, CorralError> {
+    if let Some(ledger) = state.ledgers.get(org_id) {
+        return Ok(ledger.clone());
+    }
+    let name = names::ledger(&state.args.context.prefix, org_id);
+    super::await_name_free(&name).await;
+    let (ledger, _) = Actor::spawn_linked(
+        Some(name),
+        LedgerActor,
+        LedgerArgs {
+            org_id: org_id.to_string(),
+            context: state.args.context.clone(),
+        },
+        myself.get_cell(),
+    )
+    .await
+    .map_err(|err| CorralError::Database(err.to_string()))?;
+    state.by_actor.insert(ledger.get_id(), org_id.to_string());
+    state.ledgers.insert(org_id.to_string(), ledger.clone());
+    Ok(ledger)
 }

@@ -5,7 +5,7 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
-use super::ledger::{OrgsArgs, OrgsMsg, OrgsSupervisor};
+use super::ledger::{BillingContext, BillingHook, OrgsArgs, OrgsMsg, OrgsSupervisor};
 use super::scheduler::{Scheduler, SchedulerMsg};
 use super::{names, Timeouts};
 use crate::metrics::Metrics;
@@ -27,6 +27,8 @@ pub struct RootArgs {
     pub timeouts: Timeouts,
     pub prefix: String,
     pub metrics: Metrics,
+    pub billing: crate::billing::BillingPolicy,
+    pub billing_hook: std::sync::Arc<dyn BillingHook>,
 }
 
 pub struct RootSupervisor;
@@ -52,8 +54,13 @@ impl Actor for RootSupervisor {
             Some(names::singleton(&args.prefix, names::ORGS)),
             OrgsSupervisor,
             OrgsArgs {
-                store: args.store.clone(),
-                prefix: args.prefix.clone(),
+                context: BillingContext {
+                    store: args.store.clone(),
+                    policy: args.billing,
+                    hook: args.billing_hook,
+                    metrics: args.metrics.clone(),
+                    prefix: args.prefix.clone(),
+                },
             },
             myself.get_cell(),
         )
@@ -64,6 +71,7 @@ impl Actor for RootSupervisor {
             FleetArgs {
                 store: args.store,
                 scheduler: scheduler.clone(),
+                orgs: orgs.clone(),
                 timeouts: args.timeouts,
                 prefix: args.prefix,
                 metrics: args.metrics,

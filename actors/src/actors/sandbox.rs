@@ -27,6 +27,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
 use super::host::HostMsg;
+use super::ledger::{metered_phase, LedgerMsg, OrgsMsg};
 use super::scheduler::SchedulerMsg;
 use super::Timeouts;
 use crate::domain::{DesiredState, ExecOutcome, ExecSpec, SandboxState};
@@ -77,6 +78,8 @@ pub struct SandboxArgs {
     pub store: Store,
     pub host: ActorRef<HostMsg>,
     pub scheduler: ActorRef<SchedulerMsg>,
+    /// Where metering changes go (to the org's ledger).
+    pub orgs: ActorRef<OrgsMsg>,
     pub timeouts: Timeouts,
     pub metrics: Metrics,
     /// Answered with the outcome of the first convergence (the creator
@@ -89,6 +92,7 @@ pub struct SandboxActorState {
     store: Store,
     host: ActorRef<HostMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    orgs: ActorRef<OrgsMsg>,
     timeouts: Timeouts,
     metrics: Metrics,
     /// When the actor last changed the row: observations taken before it
@@ -192,6 +196,7 @@ impl Actor for SandboxActor {
             store: args.store,
             host: args.host,
             scheduler: args.scheduler,
+            orgs: args.orgs,
             timeouts: args.timeouts,
             metrics: args.metrics,
             last_change: Instant::now(),
@@ -709,6 +714,22 @@ impl SandboxActor {
         if after != before {
             state.last_change = Instant::now();
             state.transition_since = after.is_transitional().then(Instant::now);
+        }
+        let phase = metered_phase(after);
+        if metered_phase(before) != phase {
+            // Metering follows what was persisted, at the moment it was.
+            let _ = state.orgs.cast(OrgsMsg::Forward {
+                org_id: saved.org_id.clone(),
+                message: LedgerMsg::Meter {
+                    sandbox_id: saved.id.clone(),
+                    phase,
+                    resources: crate::domain::Resources {
+                        cpu_millis: u64::try_from(saved.cpu_millis).unwrap_or(0),
+                        memory_mb: u64::try_from(saved.memory_mb).unwrap_or(0),
+                    },
+                    at: saved.updated_at,
+                },
+            });
         }
         state.row = saved.clone();
         Ok(saved)

@@ -11,6 +11,16 @@ pub mod org {
         pub name: String,
         pub billing_status: String,
         pub created_at: DateTimeUtc,
+        /// `None` means the default plan.
+        pub plan_id: Option<String>,
+        /// Metered but never gated.
+        pub billing_exempt: bool,
+        /// Set while in `grace`: when the org is suspended.
+        pub grace_deadline: Option<DateTimeUtc>,
+        pub max_sandboxes: Option<i64>,
+        pub max_cpu_millis: Option<i64>,
+        pub max_memory_mb: Option<i64>,
+        pub max_ttl_seconds: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -140,6 +150,57 @@ pub mod ledger_entry {
         pub idempotency_key: String,
         pub sandbox_id: Option<String>,
         pub description: String,
+        pub created_at: DateTimeUtc,
+        /// The metered span of a usage entry.
+        pub period_start: Option<DateTimeUtc>,
+        pub period_end: Option<DateTimeUtc>,
+        /// Sub-micro-unit remainder carried into the sandbox's next period,
+        /// in units of 1 / [`crate::billing::PRICE_DENOMINATOR`] micro.
+        pub carry: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod price_plan {
+    use sea_orm::entity::prelude::*;
+
+    /// Prices in integer micro-units per resource-hour.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "price_plans")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub cpu_micros_per_vcpu_hour: i64,
+        pub memory_micros_per_gib_hour: i64,
+        pub stopped_memory_micros_per_gib_hour: i64,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod billing_event {
+    use sea_orm::entity::prelude::*;
+
+    /// One transition of an org's billing status.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "billing_events")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub org_id: String,
+        pub from_status: String,
+        pub to_status: String,
+        pub balance_micros: i64,
+        pub reason: String,
         pub created_at: DateTimeUtc,
     }
 

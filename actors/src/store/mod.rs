@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::{new_id, BillingStatus, HostState, SandboxState};
 use crate::error::{CorralError, Result};
-pub use entities::{api_key, host, host_token, ledger_entry, org, sandbox};
+pub use entities::{
+    api_key, billing_event, host, host_token, ledger_entry, org, price_plan, sandbox,
+};
 
 /// A handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
@@ -138,6 +140,13 @@ impl Store {
             name: Set(name.to_string()),
             billing_status: Set(BillingStatus::Active.as_str().to_string()),
             created_at: Set(Utc::now()),
+            plan_id: Set(None),
+            billing_exempt: Set(false),
+            grace_deadline: Set(None),
+            max_sandboxes: Set(None),
+            max_cpu_millis: Set(None),
+            max_memory_mb: Set(None),
+            max_ttl_seconds: Set(None),
         };
         model.insert(&self.db).await.map_err(|err| {
             if is_unique_violation(&err) {
@@ -423,17 +432,7 @@ impl Store {
         entry: NewLedgerEntry,
     ) -> Result<(ledger_entry::Model, bool)> {
         let key = entry.idempotency_key.clone();
-        let active = ledger_entry::ActiveModel {
-            org_id: Set(entry.org_id),
-            kind: Set(entry.kind),
-            amount_micros: Set(entry.amount_micros),
-            idempotency_key: Set(entry.idempotency_key),
-            sandbox_id: Set(entry.sandbox_id),
-            description: Set(entry.description),
-            created_at: Set(Utc::now()),
-            ..Default::default()
-        };
-        match active.insert(&self.db).await {
+        match entry.into_active().insert(&self.db).await {
             Ok(model) => Ok((model, true)),
             Err(err) if is_unique_violation(&err) => {
                 let existing = ledger_entry::Entity::find()
@@ -445,6 +444,148 @@ impl Store {
             }
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Appends entries in one transaction; each is skipped if its
+    /// idempotency key exists already. Answers, per entry, whether it was
+    /// inserted (so the caller applies exactly the new ones).
+    pub async fn append_ledger_entries(&self, entries: Vec<NewLedgerEntry>) -> Result<Vec<bool>> {
+        use sea_orm::sea_query::OnConflict;
+        use sea_orm::TransactionTrait;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin().await?;
+        let mut inserted = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let rows = ledger_entry::Entity::insert(entry.into_active())
+                .on_conflict(
+                    OnConflict::column(ledger_entry::Column::IdempotencyKey)
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+            inserted.push(rows > 0);
+        }
+        txn.commit().await?;
+        Ok(inserted)
+    }
+
+    /// The latest usage entry of a sandbox (metering resumes after it).
+    pub async fn last_usage(&self, sandbox_id: &str) -> Result<Option<ledger_entry::Model>> {
+        Ok(ledger_entry::Entity::find()
+            .filter(ledger_entry::Column::SandboxId.eq(sandbox_id))
+            .filter(ledger_entry::Column::Kind.eq("usage"))
+            .order_by_desc(ledger_entry::Column::PeriodEnd)
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Usage entries of an org whose period starts in `[from, to)`.
+    pub async fn usage_between(
+        &self,
+        org_id: &str,
+        from: chrono::DateTime<Utc>,
+        to: chrono::DateTime<Utc>,
+    ) -> Result<Vec<ledger_entry::Model>> {
+        Ok(ledger_entry::Entity::find()
+            .filter(ledger_entry::Column::OrgId.eq(org_id))
+            .filter(ledger_entry::Column::Kind.eq("usage"))
+            .filter(ledger_entry::Column::PeriodStart.gte(from))
+            .filter(ledger_entry::Column::PeriodStart.lt(to))
+            .order_by_asc(ledger_entry::Column::PeriodStart)
+            .limit(100_000)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Every usage entry of an org (the audit).
+    pub async fn all_usage(&self, org_id: &str) -> Result<Vec<ledger_entry::Model>> {
+        Ok(ledger_entry::Entity::find()
+            .filter(ledger_entry::Column::OrgId.eq(org_id))
+            .filter(ledger_entry::Column::Kind.eq("usage"))
+            .order_by_asc(ledger_entry::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The org's sandboxes that are not destroyed.
+    pub async fn live_sandboxes_of(&self, org_id: &str) -> Result<Vec<sandbox::Model>> {
+        Ok(sandbox::Entity::find()
+            .filter(sandbox::Column::OrgId.eq(org_id))
+            .filter(sandbox::Column::State.ne(SandboxState::Destroyed.as_str()))
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn save_org(&self, model: org::Model) -> Result<org::Model> {
+        let active: org::ActiveModel = model.into();
+        Ok(active.reset_all().update(&self.db).await?)
+    }
+
+    pub async fn record_billing_event(
+        &self,
+        org_id: &str,
+        from: BillingStatus,
+        to: BillingStatus,
+        balance_micros: i64,
+        reason: &str,
+    ) -> Result<()> {
+        billing_event::ActiveModel {
+            org_id: Set(org_id.to_string()),
+            from_status: Set(from.as_str().to_string()),
+            to_status: Set(to.as_str().to_string()),
+            balance_micros: Set(balance_micros),
+            reason: Set(reason.to_string()),
+            created_at: Set(Utc::now()),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn billing_events(&self, org_id: &str) -> Result<Vec<billing_event::Model>> {
+        Ok(billing_event::Entity::find()
+            .filter(billing_event::Column::OrgId.eq(org_id))
+            .order_by_asc(billing_event::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    // ---- price plans -----------------------------------------------------
+
+    pub async fn get_plan(&self, id: &str) -> Result<Option<price_plan::Model>> {
+        Ok(price_plan::Entity::find_by_id(id.to_string())
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn find_plan_by_name(&self, name: &str) -> Result<Option<price_plan::Model>> {
+        Ok(price_plan::Entity::find()
+            .filter(price_plan::Column::Name.eq(name))
+            .one(&self.db)
+            .await?)
+    }
+
+    pub async fn list_plans(&self) -> Result<Vec<price_plan::Model>> {
+        Ok(price_plan::Entity::find()
+            .order_by_asc(price_plan::Column::Name)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn create_plan(&self, plan: price_plan::Model) -> Result<price_plan::Model> {
+        let name = plan.name.clone();
+        let active: price_plan::ActiveModel = plan.into();
+        active.insert(&self.db).await.map_err(|err| {
+            if is_unique_violation(&err) {
+                CorralError::Conflict(format!("a plan named {name:?} already exists"))
+            } else {
+                err.into()
+            }
+        })
     }
 
     /// The balance as the sum of the org's entries.
@@ -493,6 +634,27 @@ pub struct NewLedgerEntry {
     pub idempotency_key: String,
     pub sandbox_id: Option<String>,
     pub description: String,
+    pub period_start: Option<chrono::DateTime<Utc>>,
+    pub period_end: Option<chrono::DateTime<Utc>>,
+    pub carry: Option<i64>,
+}
+
+impl NewLedgerEntry {
+    fn into_active(self) -> ledger_entry::ActiveModel {
+        ledger_entry::ActiveModel {
+            org_id: Set(self.org_id),
+            kind: Set(self.kind),
+            amount_micros: Set(self.amount_micros),
+            idempotency_key: Set(self.idempotency_key),
+            sandbox_id: Set(self.sandbox_id),
+            description: Set(self.description),
+            created_at: Set(Utc::now()),
+            period_start: Set(self.period_start),
+            period_end: Set(self.period_end),
+            carry: Set(self.carry),
+            ..Default::default()
+        }
+    }
 }
 
 fn labels_match(stored: &serde_json::Value, wanted: &BTreeMap<String, String>) -> bool {
