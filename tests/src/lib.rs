@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod netlab;
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
