@@ -3,7 +3,7 @@
 //!
 //! - [`runtime`]: the `Runtime` trait, its types, validation and protocol
 //!   conversions;
-//! - [`runc`], [`process`], [`fake`]: the runtimes;
+//! - [`runc`], [`docker`], [`process`], [`fake`]: the runtimes;
 //! - [`images`]: the image store (root filesystems);
 //! - [`connection`]: the dial-out loop, command dispatch, heartbeats, events;
 //! - [`watchdog`]: the TTL backstop that stops sandboxes past their deadline
@@ -15,6 +15,7 @@
 //! sandboxes, and only those past their TTL.
 
 pub mod connection;
+pub mod docker;
 mod exec_io;
 pub mod fake;
 pub mod images;

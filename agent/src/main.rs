@@ -1,6 +1,6 @@
 //! The `corral-agent` binary: `run` connects a host to the control plane on a
 //! chosen runtime; `image` manages the root filesystems the runc runtime
-//! uses. Owns flag parsing, runtime selection, host capacity detection,
+//! uses and imports them into the Docker engine for the docker runtime. Owns flag parsing, runtime selection, host capacity detection,
 //! signal handling and log set-up; everything else is in the library.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use corral_agent::docker::{DockerConfig, DockerRuntime};
 use corral_agent::fake::{FakeConfig, FakeRuntime};
 use corral_agent::process::ProcessRuntime;
 use corral_agent::runc::RuncRuntime;
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Connect this host to the control plane and run sandboxes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage the images (root filesystems) sandboxes are made from.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -36,6 +37,8 @@ enum RuntimeKind {
     /// runc when running as root with runc on PATH, else process.
     Auto,
     Runc,
+    /// Containers of the local Docker Engine (its API socket).
+    Docker,
     /// Plain processes, no isolation (development only).
     Process,
     /// In memory, runs nothing (tests and simulation).
@@ -98,6 +101,26 @@ struct RunArgs {
     /// its TTL.
     #[arg(long, env = "CORRAL_AGENT_TTL_STOP_GRACE_SECS", default_value_t = 10)]
     ttl_stop_grace_secs: u64,
+    /// Docker runtime: the `corral.namespace` label (and container-name
+    /// prefix) that marks this agent's containers on the engine.
+    #[arg(
+        long,
+        env = "CORRAL_AGENT_DOCKER_NAMESPACE",
+        default_value = corral_agent::docker::DEFAULT_NAMESPACE
+    )]
+    docker_namespace: String,
+    /// Docker runtime: how long a missing image may take to pull; 0 never
+    /// pulls (only local images are used).
+    #[arg(
+        long,
+        env = "CORRAL_AGENT_DOCKER_PULL_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    docker_pull_timeout_secs: u64,
+    /// Docker runtime: the registry (`host[:port]`) to pull from (default:
+    /// the engine's).
+    #[arg(long, env = "CORRAL_AGENT_DOCKER_REGISTRY")]
+    docker_registry: Option<String>,
     /// Fake runtime: latency added to every command, in milliseconds.
     #[arg(long, default_value_t = 0)]
     fake_latency_ms: u64,
@@ -122,6 +145,16 @@ enum ImageCommand {
         /// The busybox binary (default: /bin/busybox, then /usr/bin/busybox).
         #[arg(long)]
         busybox: Option<PathBuf>,
+        /// Also import it into the local Docker engine as `busybox:latest`.
+        #[arg(long)]
+        docker: bool,
+    },
+    /// Import image NAME of the data directory into the local Docker engine
+    /// as `NAME:latest` (for the docker runtime).
+    DockerImport {
+        name: String,
+        #[command(flatten)]
+        data_dir: DataDir,
     },
     /// List the images.
     List {
@@ -138,7 +171,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*args))),
         Command::Image(command) => image(command),
     };
     match result {
@@ -171,9 +204,20 @@ fn image(command: ImageCommand) -> anyhow::Result<()> {
             let root = images::import(&data_dir.data_dir, &name, &tarball)?;
             println!("imported {name} into {}", root.display());
         }
-        ImageCommand::BuildBusybox { data_dir, busybox } => {
+        ImageCommand::BuildBusybox {
+            data_dir,
+            busybox,
+            docker,
+        } => {
             let root = images::build_busybox(&data_dir.data_dir, busybox.as_deref())?;
             println!("busybox image at {}", root.display());
+            if docker {
+                docker_import(images::BUSYBOX_IMAGE, &root)?;
+            }
+        }
+        ImageCommand::DockerImport { name, data_dir } => {
+            let root = images::rootfs(&data_dir.data_dir, &name)?;
+            docker_import(&name, &root)?;
         }
         ImageCommand::List { data_dir } => {
             for name in images::list(&data_dir.data_dir) {
@@ -181,6 +225,23 @@ fn image(command: ImageCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `docker import` of a rootfs directory as `name:latest`, through the API.
+fn docker_import(name: &str, rootfs: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let docker = corral_agent::docker::connect().await?;
+        corral_agent::docker::import_rootfs(&docker, name, rootfs).await
+    })?;
+    println!(
+        "imported {name} into the Docker engine as {}",
+        corral_agent::docker::docker_reference(name)
+    );
     Ok(())
 }
 
@@ -211,6 +272,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "exit codes of sandboxes will be unknown");
             }
             Arc::new(RuncRuntime::new(&data_dir, runc))
+        }
+        Chosen::Docker => {
+            let config = DockerConfig {
+                namespace: args.docker_namespace.clone(),
+                pull_timeout: (args.docker_pull_timeout_secs > 0)
+                    .then(|| Duration::from_secs(args.docker_pull_timeout_secs)),
+                registry: args.docker_registry.clone(),
+            };
+            let docker = corral_agent::docker::connect()
+                .await
+                .context("--runtime docker needs a reachable Docker engine")?;
+            tracing::info!(namespace = %config.namespace, pull_timeout = ?config.pull_timeout, "using the docker runtime");
+            Arc::new(DockerRuntime::new(docker, config).await?)
         }
         Chosen::Process => Arc::new(ProcessRuntime::new(&data_dir)),
         Chosen::Fake => {
@@ -269,6 +343,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 enum Chosen {
     Runc(PathBuf),
+    Docker,
     Process,
     Fake,
 }
@@ -286,6 +361,7 @@ fn choose_runtime(kind: RuntimeKind, runc: Option<PathBuf>) -> anyhow::Result<Ch
             }
             Chosen::Runc(runc)
         }
+        RuntimeKind::Docker => Chosen::Docker,
         RuntimeKind::Process => Chosen::Process,
         RuntimeKind::Fake => Chosen::Fake,
         RuntimeKind::Auto => match (root, runc) {
@@ -428,5 +504,26 @@ mod tests {
             matches!(cli.command, Command::Image(ImageCommand::Import { ref name, .. }) if name == "alpine")
         );
         assert!(Cli::try_parse_from(["corral-agent", "image", "build-busybox"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "corral-agent",
+            "run",
+            "--token",
+            "t",
+            "--runtime",
+            "docker",
+            "--docker-namespace",
+            "test1",
+            "--docker-pull-timeout-secs",
+            "0",
+        ])
+        .expect("docker flags parse");
+        assert!(matches!(cli.command, Command::Run(ref a)
+            if a.runtime == RuntimeKind::Docker
+                && a.docker_namespace == "test1"
+                && a.docker_pull_timeout_secs == 0));
+        assert!(
+            Cli::try_parse_from(["corral-agent", "image", "build-busybox", "--docker"]).is_ok()
+        );
+        assert!(Cli::try_parse_from(["corral-agent", "image", "docker-import", "busybox"]).is_ok());
     }
 }

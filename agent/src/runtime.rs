@@ -222,7 +222,7 @@ impl RuntimeError {
 /// fresh instance over the same host state sees the same sandboxes.
 #[async_trait]
 pub trait Runtime: Send + Sync {
-    /// "runc", "process" or "fake".
+    /// "runc", "docker", "process" or "fake".
     fn kind(&self) -> &'static str;
     /// False when sandboxes are not isolated from the host.
     fn isolated(&self) -> bool;

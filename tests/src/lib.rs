@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod netlab;
+
 /// The credit test orgs start with: enough for any test's sandboxes.
 pub const TEST_CREDITS_MICROS: i64 = 1_000_000_000;
 
@@ -607,6 +609,49 @@ pub fn skip_without_runc(test: &str) -> bool {
     }
 }
 
+/// Why the docker tests cannot run on this machine, if they cannot: they
+/// need root, a static busybox and a Docker engine that answers.
+pub fn docker_missing_prerequisite() -> Option<String> {
+    if !running_as_root() {
+        return Some("not running as root".into());
+    }
+    if which("docker").is_none() {
+        return Some("the docker CLI is not installed".into());
+    }
+    if !std::path::Path::new("/bin/busybox").exists()
+        && !std::path::Path::new("/usr/bin/busybox").exists()
+    {
+        return Some("busybox-static is not installed".into());
+    }
+    let answered = std::process::Command::new("docker")
+        .args(["version", "--format", "{{.Server.APIVersion}}"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !answered {
+        return Some("no Docker engine answers".into());
+    }
+    None
+}
+
+/// Whether a test on `runtime` ("runc" or "docker") must skip: it says so
+/// (`SKIPPED:`) outside CI, and fails in CI.
+pub fn skip_without_runtime(test: &str, runtime: &str) -> bool {
+    let missing = match runtime {
+        "docker" => docker_missing_prerequisite(),
+        _ => runc_missing_prerequisite(),
+    };
+    match missing {
+        None => false,
+        Some(reason) => {
+            assert!(!required(), "CI must run {test} on {runtime}: {reason}");
+            eprintln!("SKIPPED: {test} on {runtime}: {reason}");
+            true
+        }
+    }
+}
+
 /// Whether this process runs as root.
 pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -638,12 +683,19 @@ pub struct RuncContainer {
 }
 
 /// The real stack as separate processes: `corral server` on SQLite in a
-/// temporary directory and one `corral-agent` on the runc runtime with its
-/// own data directory, plus an org (its key in `api`) and the host token the
-/// agent uses. Either process can be killed with SIGKILL and started again
-/// on the same ports and data directories. Dropping the stack kills both and
-/// removes every container and overlay mount the agent left behind.
+/// temporary directory and one `corral-agent` on a real container runtime
+/// (runc by default, or docker) with its own data directory, plus an org
+/// (its key in `api`) and the host token the agent uses. Either process can
+/// be killed with SIGKILL and started again on the same ports and data
+/// directories. Dropping the stack kills both and removes every container
+/// (and overlay mount) the agent left behind. On docker, the agent works in
+/// a namespace of the stack's own, so stacks never see each other's
+/// containers on the shared engine.
 pub struct RuncStack {
+    /// "runc" or "docker".
+    pub runtime: &'static str,
+    /// The docker runtime's namespace (label and container-name prefix).
+    pub docker_namespace: String,
     pub dir: tempfile::TempDir,
     pub http_port: u16,
     pub grpc_port: u16,
@@ -664,19 +716,31 @@ const STARTUP: Duration = Duration::from_secs(20);
 
 impl RuncStack {
     /// Starts the server, makes an org, a host token and the busybox image,
-    /// starts the agent and waits until its host is `ready`.
+    /// starts the agent on runc and waits until its host is `ready`.
     pub async fn start() -> Self {
         Self::start_with_agent_env(&[]).await
     }
 
     /// [`Self::start`], with extra environment for the agent process.
     pub async fn start_with_agent_env(agent_env: &[(&str, &str)]) -> Self {
+        Self::start_on("runc", agent_env).await
+    }
+
+    /// [`Self::start`] on `runtime` ("runc" or "docker"), with extra
+    /// environment for the agent process.
+    pub async fn start_on(runtime: &'static str, agent_env: &[(&str, &str)]) -> Self {
+        assert!(
+            matches!(runtime, "runc" | "docker"),
+            "unknown runtime {runtime}"
+        );
         init_logging();
         let dir = tempfile::tempdir().expect("a temp dir");
         let (http_port, grpc_port) = (free_port(), free_port());
         let base = format!("http://127.0.0.1:{http_port}");
         let admin = Api::new(&base, ADMIN_TOKEN);
         let mut stack = Self {
+            runtime,
+            docker_namespace: format!("e2e{:012x}", fastrand_u64() >> 16),
             dir,
             http_port,
             grpc_port,
@@ -710,12 +774,17 @@ impl RuncStack {
         stack.host_id = token["host_id"].as_str().expect("host id").to_string();
         stack.host_token = token["token"].as_str().expect("token").to_string();
 
-        let built = tokio::process::Command::new(binary("corral-agent"))
+        let mut build = tokio::process::Command::new(binary("corral-agent"));
+        build
             .arg("image")
             .arg("build-busybox")
             .arg("--data-dir")
             .arg(stack.agent_dir())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if runtime == "docker" {
+            build.arg("--docker");
+        }
+        let built = build
             .status()
             .await
             .expect("run corral-agent image build-busybox");
@@ -773,13 +842,16 @@ impl RuncStack {
         .await;
     }
 
-    /// Starts `corral-agent run --runtime runc` over the same data
-    /// directory and waits until its host is `ready`.
+    /// Starts `corral-agent run --runtime <runtime>` over the same data
+    /// directory (and docker namespace) and waits until its host is `ready`.
     pub async fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "the agent is already running");
         let agent = ChildProcess::spawn(
             "corral-agent",
             tokio::process::Command::new(binary("corral-agent"))
+                .env("CORRAL_AGENT_DOCKER_NAMESPACE", &self.docker_namespace)
+                // No registry is reachable: only local images.
+                .env("CORRAL_AGENT_DOCKER_PULL_TIMEOUT_SECS", "0")
                 .arg("run")
                 .arg("--control-plane")
                 .arg(format!("http://127.0.0.1:{}", self.grpc_port))
@@ -788,13 +860,13 @@ impl RuncStack {
                 .arg("--data-dir")
                 .arg(self.agent_dir())
                 .arg("--runtime")
-                .arg("runc")
+                .arg(self.runtime)
                 .arg("--cpus")
                 .arg("8")
                 .arg("--memory-mb")
                 .arg("8192")
                 .arg("--hostname")
-                .arg("runc-host")
+                .arg(format!("{}-host", self.runtime))
                 .arg("--poll-interval-ms")
                 .arg("200")
                 .envs(self.agent_env.iter().cloned())
@@ -886,8 +958,13 @@ impl RuncStack {
         }
     }
 
-    /// The containers runc knows in the agent's root, sorted by id.
+    /// The containers the runtime holds for the agent (runc: in its root;
+    /// docker: in its namespace), sorted by id. Docker states are given in
+    /// runc's words ("exited" is "stopped").
     pub async fn containers(&self) -> Vec<RuncContainer> {
+        if self.runtime == "docker" {
+            return docker_containers(&self.docker_namespace).await;
+        }
         let out = tokio::process::Command::new("runc")
             .arg("--root")
             .arg(self.runc_root())
@@ -926,8 +1003,23 @@ impl RuncStack {
         assert_eq!(actual, expected, "the containers on the host");
     }
 
-    /// `runc kill <id> <signal>` behind the agent's back.
+    /// `runc kill <id> <signal>` (or `docker kill --signal`) behind the
+    /// agent's back.
     pub async fn runc_kill(&self, id: &str, signal: &str) {
+        if self.runtime == "docker" {
+            let out = tokio::process::Command::new("docker")
+                .args(["kill", "--signal", signal])
+                .arg(format!("{}-{id}", self.docker_namespace))
+                .output()
+                .await
+                .expect("docker kill");
+            assert!(
+                out.status.success(),
+                "docker kill: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let out = tokio::process::Command::new("runc")
             .arg("--root")
             .arg(self.runc_root())
@@ -951,6 +1043,10 @@ impl Drop for RuncStack {
             .flatten()
         {
             let _ = process.child.start_kill();
+        }
+        if self.runtime == "docker" {
+            remove_docker_namespace(&self.docker_namespace);
+            return;
         }
         let root = self.runc_root();
         let listed = std::process::Command::new("runc")
@@ -985,6 +1081,90 @@ impl Drop for RuncStack {
                         .output();
                 }
             }
+        }
+    }
+}
+
+/// A random u64 (no extra dependency: the std hasher's random keys).
+pub fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+/// The containers of a docker namespace as [`RuncContainer`]s: the sandbox
+/// id from its label, the state in runc's words, the main process's pid.
+pub async fn docker_containers(namespace: &str) -> Vec<RuncContainer> {
+    let ids = tokio::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=corral.namespace={namespace}"))
+        .output()
+        .await
+        .expect("docker ps");
+    assert!(
+        ids.status.success(),
+        "docker ps: {}",
+        String::from_utf8_lossy(&ids.stderr)
+    );
+    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let out = tokio::process::Command::new("docker")
+        .arg("inspect")
+        .args(&ids)
+        .output()
+        .await
+        .expect("docker inspect");
+    // A container removed between the two calls makes inspect fail: ask
+    // again.
+    if !out.status.success() {
+        return Box::pin(docker_containers(namespace)).await;
+    }
+    let inspected: Vec<Value> = serde_json::from_slice(&out.stdout).expect("docker inspect JSON");
+    let mut list: Vec<RuncContainer> = inspected
+        .iter()
+        .map(|c| RuncContainer {
+            id: c["Config"]["Labels"]["corral.sandbox_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            status: match c["State"]["Status"].as_str().unwrap_or_default() {
+                "exited" | "dead" => "stopped".to_string(),
+                other => other.to_string(),
+            },
+            pid: c["State"]["Pid"].as_i64().unwrap_or_default(),
+        })
+        .collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    list
+}
+
+/// Removes every container of a docker namespace (clean-up; errors ignored).
+pub fn remove_docker_namespace(namespace: &str) {
+    let listed = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=corral.namespace={namespace}"))
+        .output();
+    if let Ok(out) = listed {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
         }
     }
 }

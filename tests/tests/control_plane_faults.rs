@@ -72,6 +72,17 @@ async fn allocated_cpu(cp: &TestServer, host_id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until the scheduler holds `cpu_millis` on the host (releases and
+/// reservations reach it just after the row that caused them is written).
+async fn wait_allocated(cp: &TestServer, host_id: &str, cpu_millis: u64) {
+    wait_for(
+        &format!("{cpu_millis} mCPU allocated"),
+        DEADLINE,
+        || async { (allocated_cpu(cp, host_id).await == cpu_millis).then_some(()) },
+    )
+    .await;
+}
+
 async fn exec_echo(api: &Api, id: &str) -> Value {
     let (status, out) = api
         .post(
@@ -94,7 +105,7 @@ async fn a_partition_shorter_than_the_grace_loses_nothing() {
     wait_host_state(&cp, &agent.host_id, "disconnected").await;
     // Still recorded as running, and its room is still held for it.
     assert_eq!(sandbox(&api, &id).await["state"], "running");
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
 
     agent.revive();
     cp.wait_host_ready(&agent.host_id).await;
@@ -104,7 +115,7 @@ async fn a_partition_shorter_than_the_grace_loses_nothing() {
     assert_eq!(row["failure_reason"], Value::Null);
     assert_eq!(exec_echo(&api, &id).await["stdout"], "alive\n");
     assert_eq!(agent.runtime.sandbox_ids(), vec![id.clone()]);
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
     assert_eq!(cp.server.control_plane.metrics().drift_lost.get(), 0);
 }
 
@@ -138,8 +149,12 @@ async fn a_host_past_its_grace_goes_offline_and_its_sandboxes_return_with_it() {
         let row = wait_state(&api, id, "lost").await;
         assert_eq!(row["failure_reason"], "its host went offline");
     }
-    // Lost sandboxes hold no capacity (and are no longer billable).
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+    // Lost sandboxes hold no capacity (and are no longer billable); the
+    // release reaches the scheduler right after the row is written.
+    wait_for("the capacity to be released", DEADLINE, || async {
+        (allocated_cpu(&cp, &agent.host_id).await == 0).then_some(())
+    })
+    .await;
     let (status, body) = api
         .post(
             &format!("/v1/sandboxes/{running}/exec"),
@@ -157,7 +172,7 @@ async fn a_host_past_its_grace_goes_offline_and_its_sandboxes_return_with_it() {
     assert_eq!(row["desired_state"], "stopped");
     assert_eq!(row["failure_reason"], Value::Null);
     assert_eq!(exec_echo(&api, &running).await["stdout"], "alive\n");
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 1000);
+    wait_allocated(&cp, &agent.host_id, 1000).await;
     assert_eq!(agent.runtime.phase(&running), Some(Phase::Running));
     assert_eq!(agent.runtime.phase(&stopped), Some(Phase::Stopped));
     let metrics = cp.server.control_plane.metrics();
@@ -184,7 +199,7 @@ async fn a_sandbox_that_vanishes_from_its_host_becomes_lost() {
         "{row}"
     );
     assert_eq!(sandbox(&api, &kept).await["state"], "running");
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
     assert_eq!(cp.server.control_plane.metrics().drift_lost.get(), 1);
 
     // A lost sandbox can only be deleted, which then succeeds.
@@ -261,7 +276,7 @@ async fn an_expired_ttl_destroys_the_sandbox() {
     assert_eq!(row["desired_state"], "destroyed");
     assert_eq!(agent.runtime.phase(&id), None);
     assert_eq!(sandbox(&api, &long).await["state"], "running");
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
     assert_eq!(cp.server.control_plane.metrics().ttl_expired.get(), 1);
 }
 
@@ -295,7 +310,7 @@ async fn a_ttl_that_runs_out_while_the_control_plane_is_down_is_enforced_on_rest
         agent.runtime.phase(&id).is_none().then_some(())
     })
     .await;
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+    wait_allocated(&cp, &agent.host_id, 0).await;
 }
 
 #[tokio::test]
@@ -324,7 +339,7 @@ async fn a_step_stuck_on_an_unreachable_host_fails_at_its_deadline() {
         reason.contains("creating did not finish within 1 s"),
         "{row}"
     );
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 0);
+    wait_allocated(&cp, &agent.host_id, 0).await;
     assert_eq!(
         cp.server.control_plane.metrics().transitions_expired.get(),
         1
@@ -399,7 +414,7 @@ async fn a_panic_in_any_actor_is_survived_without_losing_state() {
 
     // One container, its room held once, the host ready, the tree whole.
     assert_eq!(agent.runtime.sandbox_ids(), vec![id.clone()]);
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
     assert_eq!(host_state(&cp, &agent.host_id).await, "ready");
     assert!(control.is_alive());
 }
@@ -432,7 +447,7 @@ async fn a_sandbox_actor_that_keeps_failing_is_given_up_not_looped() {
         "{row}"
     );
     // Its room is released; the rest of the host is untouched.
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
     assert_eq!(exec_echo(&api, &other).await["stdout"], "alive\n");
     assert!(control.is_alive());
     // Deleting the failed sandbox removes its container too.
@@ -558,7 +573,7 @@ async fn a_refused_start_is_retried_until_it_works_or_its_deadline_passes() {
         reason.contains("starting did not finish within 3 s"),
         "{row}"
     );
-    assert_eq!(allocated_cpu(&cp, &agent.host_id).await, 500);
+    wait_allocated(&cp, &agent.host_id, 500).await;
 }
 
 #[tokio::test]

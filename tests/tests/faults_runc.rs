@@ -3,14 +3,18 @@
 //! SIGKILL at awkward moments and started again on the same ports and data
 //! directories. Each test checks the final state of every sandbox (REST),
 //! of the host row (admin API) and of the containers on the host (`runc
-//! list`): exactly the expected ones, no duplicate, no orphan.
+//! list`): exactly the expected ones, no duplicate, no orphan. An agent
+//! restart and a container killed on the host also run on the docker
+//! runtime (the same tests, the stack on docker).
 //!
-//! Needs root, runc and a static busybox. Without them each test says so and
+//! Needs root, runc (or a Docker engine) and a static busybox. Without them each test says so and
 //! skips, except in CI, where it fails.
 
 use std::time::{Duration, Instant};
 
-use corral_tests::{create_sandbox, error_code, id_of, skip_without_runc, wait_for, RuncStack};
+use corral_tests::{
+    create_sandbox, error_code, id_of, skip_without_runc, skip_without_runtime, wait_for, RuncStack,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -59,10 +63,19 @@ async fn container_pid(stack: &RuncStack, id: &str) -> i64 {
 
 #[tokio::test]
 async fn an_agent_restart_never_kills_sandboxes() {
-    if skip_without_runc("an_agent_restart_never_kills_sandboxes") {
+    agent_restart_keeps_sandboxes("runc").await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_never_kills_docker_sandboxes() {
+    agent_restart_keeps_sandboxes("docker").await;
+}
+
+async fn agent_restart_keeps_sandboxes(runtime: &'static str) {
+    if skip_without_runtime("an_agent_restart_never_kills_sandboxes", runtime) {
         return;
     }
-    let mut stack = RuncStack::start().await;
+    let mut stack = RuncStack::start_on(runtime, &[]).await;
     let sandbox = create_sandbox(&stack.api, sandbox_body(json!(["sleep", "3600"]))).await;
     assert_eq!(sandbox["state"], "running", "{sandbox}");
     let id = id_of(&sandbox);
@@ -320,10 +333,19 @@ async fn killing_the_control_plane_with_operations_in_flight_loses_nothing() {
 
 #[tokio::test]
 async fn a_container_killed_on_the_host_is_seen_stopped() {
-    if skip_without_runc("a_container_killed_on_the_host_is_seen_stopped") {
+    container_killed_on_the_host("runc").await;
+}
+
+#[tokio::test]
+async fn a_docker_container_killed_on_the_host_is_seen_stopped() {
+    container_killed_on_the_host("docker").await;
+}
+
+async fn container_killed_on_the_host(runtime: &'static str) {
+    if skip_without_runtime("a_container_killed_on_the_host_is_seen_stopped", runtime) {
         return;
     }
-    let stack = RuncStack::start().await;
+    let stack = RuncStack::start_on(runtime, &[]).await;
     let sandbox = create_sandbox(&stack.api, sandbox_body(json!(["sleep", "3600"]))).await;
     let id = id_of(&sandbox);
 

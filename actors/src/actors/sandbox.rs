@@ -334,6 +334,14 @@ impl SandboxActor {
         step: Step,
     ) -> Result<(), CorralError> {
         let mut row = state.row.clone();
+        if step == Step::Destroy && state_of(&row) == SandboxState::Lost {
+            // Its host does not have it (or is gone): there is nothing to
+            // ask the host. Should the container ever show up again, the
+            // host's orphan collection removes it, as the row says destroyed.
+            row.state = SandboxState::Destroyed.as_str().to_string();
+            self.persist(state, row).await?;
+            return Ok(());
+        }
         let transitional = step.transitional();
         if state_of(&row) != transitional {
             row.state = transitional.as_str().to_string();
