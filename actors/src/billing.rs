@@ -110,14 +110,18 @@ pub struct Meter {
     pub phase: MeterPhase,
     /// Everything before this instant is charged.
     pub billed_until: DateTime<Utc>,
+    /// Everything before this instant is in a written period; a charge too
+    /// small to write leaves this behind, and the next written period starts
+    /// here, so written periods cover the metered time without a gap.
+    pub written_until: DateTime<Utc>,
     pub carry: i64,
 }
 
 impl Meter {
-    /// The charge for `[billed_until, until)` in the current phase, or
-    /// `None` when there is nothing to charge (no time passed). A period that
-    /// costs less than a micro-unit still produces a charge of 0 that moves
-    /// the carry forward, so nothing is lost.
+    /// The charge for `[billed_until, until)` in the current phase (as the
+    /// period `[written_until, until)`), or `None` when no time passed. A
+    /// span that costs less than a micro-unit still produces a charge of 0
+    /// that moves the carry forward, so nothing is lost.
     pub fn charge(&self, plan: &Plan, until: DateTime<Utc>) -> Option<UsageCharge> {
         let ms = (until - self.billed_until).num_milliseconds();
         if ms <= 0 {
@@ -127,17 +131,20 @@ impl Meter {
         Some(UsageCharge {
             sandbox_id: self.sandbox_id.clone(),
             phase: self.phase,
-            period_start: self.billed_until,
+            period_start: self.written_until,
             period_end: self.billed_until + chrono::Duration::milliseconds(ms),
             micros: i64::try_from(total / PRICE_DENOMINATOR).unwrap_or(i64::MAX),
             carry: i64::try_from(total % PRICE_DENOMINATOR).unwrap_or(0),
         })
     }
 
-    /// Takes a charge as applied.
-    pub fn apply(&mut self, charge: &UsageCharge) {
+    /// Takes a charge as applied (`written`: and in the ledger).
+    pub fn apply(&mut self, charge: &UsageCharge, written: bool) {
         self.billed_until = charge.period_end;
         self.carry = charge.carry;
+        if written {
+            self.written_until = charge.period_end;
+        }
     }
 }
 
@@ -161,12 +168,15 @@ pub fn resume_point(
     last.unwrap_or((since, 0))
 }
 
-/// Whether a charge is written to the ledger. One below a micro-unit only
-/// moves the meter: after a restart, metering resumes from the last written
-/// period and its carry, so the span is charged again and comes to the same
+/// Whether a charge is written to the ledger. A charge that closes a phase
+/// (the sandbox stopped, started or ended) always is: it records where the
+/// phase ended, so a restart resumes the next phase from there at the right
+/// price. A periodic charge below one micro-unit only moves the meter: after
+/// a restart, metering resumes from the last written period and its carry,
+/// so the span is charged again at the same price and comes to the same
 /// amount; nothing is lost and nothing is written for nothing.
-pub fn is_persisted(charge: &UsageCharge) -> bool {
-    charge.micros > 0
+pub fn is_persisted(charge: &UsageCharge, closes_phase: bool) -> bool {
+    closes_phase || charge.micros > 0
 }
 
 /// Thresholds of the billing-status machine and the credit gate.
@@ -333,13 +343,14 @@ mod tests {
             resources: small,
             phase: MeterPhase::Running,
             billed_until: at(0),
+            written_until: at(0),
             carry: 0,
         };
         let mut charged = 0;
         for second in 1..=3600 {
             let charge = meter.charge(&p, at(second * 1000)).expect("a period");
             charged += charge.micros;
-            meter.apply(&charge);
+            meter.apply(&charge, true);
         }
         // One hour, second by second, is exactly one hour's price.
         assert_eq!(charged, p.hourly(MeterPhase::Running, small));
@@ -353,6 +364,7 @@ mod tests {
             resources: ONE_CORE_ONE_GIB,
             phase: MeterPhase::Running,
             billed_until: at(5000),
+            written_until: at(5000),
             carry: 0,
         };
         assert_eq!(meter.charge(&plan(), at(5000)), None);

@@ -490,14 +490,8 @@ async fn create_org(
     }
     let org = store.create_org(&req.name).await?;
     let key = store.create_api_key(&org.id, "initial").await?;
-    if req.plan.is_some() || req.exempt.is_some() || req.quota.is_some() {
-        let settings = crate::billing::BillingSettingsRequest {
-            plan: req.plan,
-            exempt: req.exempt,
-            quota: req.quota,
-        };
-        crate::billing::configure(&state, &org.id, settings).await?;
-    }
+    // Credit first: the settings below evaluate the status, and an org
+    // with its opening credit is not in grace.
     if let Some(amount) = req.credits_micros.filter(|a| *a != 0) {
         state
             .control_plane
@@ -509,6 +503,14 @@ async fn create_org(
                 "opening credit",
             )
             .await?;
+    }
+    if req.plan.is_some() || req.exempt.is_some() || req.quota.is_some() {
+        let settings = crate::billing::BillingSettingsRequest {
+            plan: req.plan,
+            exempt: req.exempt,
+            quota: req.quota,
+        };
+        crate::billing::configure(&state, &org.id, settings).await?;
     }
     let org = store.get_org(&org.id).await?.unwrap_or(org);
     Ok((

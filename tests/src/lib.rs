@@ -706,6 +706,8 @@ pub struct RuncStack {
     /// Extra environment of the agent process (its `CORRAL_AGENT_*`
     /// settings), applied at every start.
     agent_env: Vec<(String, String)>,
+    /// Extra environment of the server process.
+    server_env: Vec<(String, String)>,
     server: Option<ChildProcess>,
     agent: Option<ChildProcess>,
 }
@@ -729,6 +731,16 @@ impl RuncStack {
     /// [`Self::start`] on `runtime` ("runc" or "docker"), with extra
     /// environment for the agent process.
     pub async fn start_on(runtime: &'static str, agent_env: &[(&str, &str)]) -> Self {
+        Self::start_with_env(runtime, &[], agent_env).await
+    }
+
+    /// [`Self::start_on`], with extra environment for the server process
+    /// too (its `CORRAL_*` settings), applied at every start.
+    pub async fn start_with_env(
+        runtime: &'static str,
+        server_env: &[(&str, &str)],
+        agent_env: &[(&str, &str)],
+    ) -> Self {
         assert!(
             matches!(runtime, "runc" | "docker"),
             "unknown runtime {runtime}"
@@ -749,6 +761,10 @@ impl RuncStack {
             host_id: String::new(),
             host_token: String::new(),
             agent_env: agent_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            server_env: server_env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
@@ -828,7 +844,8 @@ impl RuncStack {
                 .arg("--stop-grace-ms")
                 .arg("3000")
                 .env("CORRAL_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env_remove("DATABASE_URL"),
+                .env_remove("DATABASE_URL")
+                .envs(self.server_env.iter().cloned()),
         );
         self.server = Some(server);
         let url = format!("{}/readyz", self.admin.base);

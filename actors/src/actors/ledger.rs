@@ -569,6 +569,7 @@ async fn resume_meter(
         resources: resources_of(row),
         phase,
         billed_until,
+        written_until: billed_until,
         carry,
     })
 }
@@ -587,7 +588,10 @@ async fn meter_changed(
             return;
         }
         if let Some(charge) = meter.charge(&state.plan, at) {
-            if persist_charges(state, vec![charge.clone()]).await.is_err() {
+            if persist_charges(state, vec![charge.clone()], true)
+                .await
+                .is_err()
+            {
                 // Not persisted: keep the meter as it was; the next tick
                 // charges the whole span again with the same key.
                 return;
@@ -597,7 +601,10 @@ async fn meter_changed(
             Some(phase) => {
                 if let Some(m) = state.meters.get_mut(sandbox_id) {
                     m.phase = phase;
-                    m.billed_until = m.billed_until.max(at);
+                    if at > m.billed_until {
+                        m.billed_until = at;
+                        m.written_until = at;
+                    }
                 }
             }
             None => {
@@ -616,6 +623,7 @@ async fn meter_changed(
                 resources,
                 phase,
                 billed_until: at,
+                written_until: at,
                 carry: 0,
             },
         );
@@ -632,19 +640,19 @@ async fn charge_meters(state: &mut LedgerState, until: DateTime<Utc>) {
         .values()
         .filter_map(|m| m.charge(&state.plan, until))
         .collect();
-    let _ = persist_charges(state, charges).await;
+    let _ = persist_charges(state, charges, false).await;
 }
 
-/// Persists the charges that cost something (a charge below one micro-unit
-/// only moves the meter: after a restart the next period covers that span
-/// again, with the persisted carry, and comes to the same amount), then
-/// applies them to the meters and the balance.
+/// Persists the charges [`billing::is_persisted`] keeps, then applies them
+/// all to the meters and the balance.
 async fn persist_charges(
     state: &mut LedgerState,
     charges: Vec<UsageCharge>,
+    closes_phase: bool,
 ) -> Result<(), CorralError> {
-    let (due, free): (Vec<UsageCharge>, Vec<UsageCharge>) =
-        charges.into_iter().partition(billing::is_persisted);
+    let (due, free): (Vec<UsageCharge>, Vec<UsageCharge>) = charges
+        .into_iter()
+        .partition(|c| billing::is_persisted(c, closes_phase));
     let entries = due
         .iter()
         .map(|c| NewLedgerEntry {
@@ -679,12 +687,12 @@ async fn persist_charges(
             state.ctx.metrics.usage_charged_micros.add(charge.micros);
         }
         if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
-            meter.apply(charge);
+            meter.apply(charge, true);
         }
     }
     for charge in &free {
         if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
-            meter.apply(charge);
+            meter.apply(charge, false);
         }
     }
     Ok(())
