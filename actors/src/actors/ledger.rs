@@ -347,7 +347,7 @@ impl Actor for LedgerActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -419,7 +419,6 @@ impl Actor for LedgerActor {
             }
             LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
-        let _ = myself;
         Ok(())
     }
 }
@@ -527,17 +526,16 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
         .cloned()
         .collect();
     for id in ended {
-        let at = rows
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| r.updated_at)
-            .or(state
+        let at = match rows.iter().find(|r| r.id == id) {
+            Some(row) => row.updated_at,
+            // Destroyed rows are not among the live ones: read it.
+            None => state
                 .ctx
                 .store
                 .get_sandbox_any_org(&id)
                 .await?
-                .map(|r| r.updated_at))
-            .unwrap_or_else(Utc::now);
+                .map_or_else(Utc::now, |r| r.updated_at),
+        };
         let resources = state
             .meters
             .get(&id)
