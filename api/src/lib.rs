@@ -18,4 +18,6 @@ pub struct AppState {
     pub control_plane: ControlPlane,
     /// SHA-256 of the platform admin token, if one is configured.
     pub admin_token_hash: Option<String>,
+    /// API keys verified recently (see [`auth::ApiKeyCache`]).
+    pub api_keys: std::sync::Arc<auth::ApiKeyCache>,
 }

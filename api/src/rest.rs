@@ -669,6 +669,7 @@ async fn revoke_api_key(
         .store()
         .revoke_api_key(&caller.org_id, &id)
         .await?;
+    state.api_keys.clear();
     Ok(Json(key.into()))
 }
 

@@ -217,6 +217,7 @@ impl Server {
         let state = AppState {
             control_plane: control_plane.clone(),
             admin_token_hash: config.admin_token.as_deref().map(hash_secret),
+            api_keys: Default::default(),
         };
         let (shutdown, _) = watch::channel(false);
 

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod bench;
 pub mod netlab;
 
 /// The credit test orgs start with: enough for any test's sandboxes.
@@ -347,7 +348,15 @@ impl Drop for InProcessAgent {
 /// A binary of this workspace, built by `cargo build --bins`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> -> target/debug/<name>
+    // A test runs from target/debug/deps/<test> (the binaries are one level
+    // up); the bench binary runs beside them.
+    if let Some(beside) = exe
+        .parent()
+        .map(|dir| dir.join(name))
+        .filter(|p| p.is_file())
+    {
+        return beside;
+    }
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())

@@ -21,8 +21,9 @@ use crate::error::CorralError;
 /// The answer to a command: the agent's reply, or why there is none.
 pub type HostReply = Result<pb::reply::Result, CorralError>;
 
-/// How often pending deadlines and heartbeat liveness are checked.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Added to a sweep's due time so that the deadline it checks has passed
+/// when it runs (timers may fire a little early on a coarse clock).
+const SWEEP_SLACK: Duration = Duration::from_millis(1);
 
 pub enum ConnMsg {
     /// Send a command and answer `reply` with the agent's reply.
@@ -35,8 +36,12 @@ pub enum ConnMsg {
     Inbound(pb::AgentMessage),
     /// The inbound half of the stream ended (EOF or error).
     StreamEnded(String),
-    /// Expire overdue requests; check heartbeats.
-    Sweep,
+    /// Expire overdue requests; check heartbeats. Scheduled for the next
+    /// moment one of them can be due, not on a fixed tick: an idle
+    /// connection is swept about once per three heartbeat intervals rather
+    /// than ten times a second, which is most of what a large fleet costs.
+    /// `due` identifies the timer: only the latest one schedules the next.
+    Sweep { due: Instant },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -65,6 +70,31 @@ pub struct ConnectionState {
     next_request_id: u64,
     pending: HashMap<u64, Pending>,
     last_heard: Instant,
+    /// When the earliest sweep already scheduled will run.
+    next_sweep: Option<Instant>,
+}
+
+impl ConnectionState {
+    /// The next moment something can be due: the earliest request deadline
+    /// or the end of heartbeat liveness.
+    fn next_due(&self) -> Instant {
+        let liveness = self.last_heard + self.heartbeat_interval * 3;
+        self.pending
+            .values()
+            .map(|p| p.deadline)
+            .min()
+            .map_or(liveness, |d| d.min(liveness))
+    }
+
+    /// Makes sure a sweep runs by `due`.
+    fn sweep_by(&mut self, myself: &ActorRef<ConnMsg>, due: Instant) {
+        if self.next_sweep.is_some_and(|at| at <= due) {
+            return;
+        }
+        self.next_sweep = Some(due);
+        let delay = due.saturating_duration_since(Instant::now()) + SWEEP_SLACK;
+        myself.send_after(delay, move || ConnMsg::Sweep { due });
+    }
 }
 
 pub struct ConnectionActor;
@@ -91,8 +121,7 @@ impl Actor for ConnectionActor {
         args.outbound
             .try_send(ack)
             .map_err(|e| format!("stream closed before the register ack: {e}"))?;
-        myself.send_interval(SWEEP_INTERVAL, || ConnMsg::Sweep);
-        Ok(ConnectionState {
+        let mut state = ConnectionState {
             host_id: args.host_id,
             generation: args.generation,
             outbound: args.outbound,
@@ -101,7 +130,11 @@ impl Actor for ConnectionActor {
             next_request_id: 1,
             pending: HashMap::new(),
             last_heard: Instant::now(),
-        })
+            next_sweep: None,
+        };
+        let due = state.next_due();
+        state.sweep_by(&myself, due);
+        Ok(state)
     }
 
     async fn handle(
@@ -125,14 +158,16 @@ impl Actor for ConnectionActor {
                 };
                 match state.outbound.try_send(envelope) {
                     Ok(()) => {
+                        let deadline = Instant::now() + timeout;
                         state.pending.insert(
                             request_id,
                             Pending {
                                 reply,
-                                deadline: Instant::now() + timeout,
+                                deadline,
                                 timeout,
                             },
                         );
+                        state.sweep_by(&myself, deadline);
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         let _ = reply.send(Err(CorralError::HostBusy));
@@ -152,8 +187,11 @@ impl Actor for ConnectionActor {
                 tracing::info!(host.id = %state.host_id, generation = state.generation, %reason, "agent stream ended");
                 myself.stop(Some(reason));
             }
-            ConnMsg::Sweep => {
+            ConnMsg::Sweep { due } => {
                 let now = Instant::now();
+                if state.next_sweep == Some(due) {
+                    state.next_sweep = None;
+                }
                 let overdue: Vec<u64> = state
                     .pending
                     .iter()
@@ -166,9 +204,12 @@ impl Actor for ConnectionActor {
                         let _ = p.reply.send(Err(CorralError::HostTimeout(ms)));
                     }
                 }
-                if now.duration_since(state.last_heard) > state.heartbeat_interval * 3 {
+                if now.duration_since(state.last_heard) >= state.heartbeat_interval * 3 {
                     tracing::warn!(host.id = %state.host_id, "no heartbeat for three intervals; dropping the connection");
                     myself.stop(Some("heartbeat timeout".into()));
+                } else {
+                    let due = state.next_due();
+                    state.sweep_by(&myself, due);
                 }
             }
         }

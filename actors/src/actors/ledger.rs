@@ -8,7 +8,7 @@
 //! - the meters of the org's sandboxes: each running (or kept stopped)
 //!   sandbox is charged in contiguous periods, every `interval` and at every
 //!   change of what it does, told by its SandboxActor (and re-synchronised
-//!   from the sandbox rows on every tick, so a lost message costs nothing);
+//!   from the sandbox rows every few ticks, so a lost message costs nothing);
 //!   the arithmetic is [`crate::billing`];
 //! - the credit gate and quotas: a create reserves a hold (one window of its
 //!   running cost) and its resources in this mailbox, so concurrent creates
@@ -192,7 +192,12 @@ pub struct LedgerState {
     live: HashMap<String, Resources>,
     /// Authorized creates whose row may not exist yet.
     pending: HashMap<String, (Resources, Instant)>,
+    ticks: u64,
 }
+
+/// The rows are re-read every this many ticks (metering itself follows the
+/// SandboxActors' messages; the re-read only catches a lost one).
+const RESYNC_EVERY_TICKS: u64 = 6;
 
 /// How long an authorized create keeps its reservation without a row.
 const PENDING_TTL: Duration = Duration::from_secs(120);
@@ -336,6 +341,7 @@ impl Actor for LedgerActor {
             meters: HashMap::new(),
             live: HashMap::new(),
             pending: HashMap::new(),
+            ticks: 0,
         };
         // Rebuild the meters from the rows and the entries: metering
         // resumes where the last persisted period ended, so a restart
@@ -401,7 +407,9 @@ impl Actor for LedgerActor {
                 meter_changed(state, &sandbox_id, phase, resources, at).await;
             }
             LedgerMsg::Tick => {
-                if let Err(err) = resync(state).await {
+                state.ticks += 1;
+                let due = state.ticks % RESYNC_EVERY_TICKS == 0;
+                if let Err(err) = if due { resync(state).await } else { Ok(()) } {
                     tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; charging what is known");
                 }
                 charge_meters(state, Utc::now()).await;
@@ -485,15 +493,29 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
         .pending
         .retain(|_, (_, at)| now.duration_since(*at) < PENDING_TTL);
     state.live.clear();
+    // Where each sandbox that needs a new meter resumes, in a few queries
+    // rather than one per sandbox (a restart meters them all at once).
+    let unmetered: Vec<String> = rows
+        .iter()
+        .filter(|r| !state.meters.contains_key(&r.id))
+        .filter(|r| {
+            SandboxState::parse(&r.state)
+                .and_then(metered_phase)
+                .is_some()
+        })
+        .map(|r| r.id.clone())
+        .collect();
+    let last_periods = state.ctx.store.last_usage_of(&unmetered).await?;
     let mut seen = std::collections::HashSet::new();
     for row in &rows {
+        // Its row exists: the reservation now follows the row.
+        state.pending.remove(&row.id);
         let Some(sandbox_state) = SandboxState::parse(&row.state) else {
             continue;
         };
         if !sandbox_state.holds_capacity() {
             continue;
         }
-        state.pending.remove(&row.id);
         state.live.insert(row.id.clone(), resources_of(row));
         let Some(phase) = metered_phase(sandbox_state) else {
             continue;
@@ -512,7 +534,7 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
                 .await
             }
             None => {
-                let meter = resume_meter(&state.ctx.store, row, phase).await?;
+                let meter = resume_meter(row, phase, last_periods.get(&row.id).copied());
                 state.meters.insert(row.id.clone(), meter);
             }
         }
@@ -548,28 +570,24 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
 
 /// A meter for a sandbox found running or kept: it resumes after the last
 /// persisted period (with its carry), or starts when the sandbox did.
-async fn resume_meter(
-    store: &Store,
+fn resume_meter(
     row: &sandbox::Model,
     phase: MeterPhase,
-) -> Result<Meter, CorralError> {
-    let last = store
-        .last_usage(&row.id)
-        .await?
-        .and_then(|e| e.period_end.map(|end| (end, e.carry.unwrap_or(0))));
+    last: Option<(DateTime<Utc>, i64)>,
+) -> Meter {
     let since = match phase {
         MeterPhase::Running => row.started_at.unwrap_or(row.updated_at),
         MeterPhase::Stopped => row.updated_at,
     };
     let (billed_until, carry) = billing::resume_point(last, since);
-    Ok(Meter {
+    Meter {
         sandbox_id: row.id.clone(),
         resources: resources_of(row),
         phase,
         billed_until,
         written_until: billed_until,
         carry,
-    })
+    }
 }
 
 /// A sandbox changed what it does at `at`: charge the old phase up to then,

@@ -42,49 +42,28 @@ impl HostCapacity {
 /// that can take it, the one left with the largest free share of its
 /// tightest resource. Ties go to the lowest host id, so the choice is
 /// deterministic. Returns the largest free slot when nothing fits.
-pub fn choose_host<'a>(
-    hosts: impl IntoIterator<Item = (&'a String, &'a HostCapacity)>,
-    request: Resources,
-) -> Result<&'a String, CorralError> {
-    let mut best: Option<(&String, u128)> = None;
-    // The free slot closest to fitting the request: the one that covers the
-    // largest share of its scarcer resource.
-    let coverage = |free: Resources| -> u128 {
-        let part = |have: u64, want: u64| {
-            if want == 0 {
-                u128::MAX
-            } else {
-                u128::from(have) * 1_000_000 / u128::from(want)
-            }
-        };
-        part(free.cpu_millis, request.cpu_millis).min(part(free.memory_mb, request.memory_mb))
-    };
-    let mut largest_free: Option<Resources> = None;
-    for (id, host) in hosts {
+pub fn choose_host<'a, I>(hosts: I, request: Resources) -> Result<&'a String, CorralError>
+where
+    I: IntoIterator<Item = (&'a String, &'a HostCapacity)>,
+    I::IntoIter: Clone,
+{
+    let hosts = hosts.into_iter();
+    let mut best: Option<(&String, u64)> = None;
+    for (id, host) in hosts.clone() {
         if !host.schedulable {
             continue;
         }
         let free = host.free();
-        if largest_free.is_none_or(|l| coverage(free) > coverage(l)) {
-            largest_free = Some(free);
-        }
         if !request.fits_in(free) {
             continue;
         }
         // Free share after placement, in parts per million, of the tighter
         // of the two resources.
-        let share = |free: u64, total: u64| -> u128 {
-            if total == 0 {
-                0
-            } else {
-                u128::from(free) * 1_000_000 / u128::from(total)
-            }
-        };
-        let score = share(
+        let score = ppm(
             free.cpu_millis - request.cpu_millis,
             host.allocatable.cpu_millis,
         )
-        .min(share(
+        .min(ppm(
             free.memory_mb - request.memory_mb,
             host.allocatable.memory_mb,
         ));
@@ -98,13 +77,54 @@ pub fn choose_host<'a>(
             best = Some((id, score));
         }
     }
-    let largest_free = largest_free.unwrap_or_default();
-    best.map(|(id, _)| id).ok_or(CorralError::NoCapacity {
+    if let Some((id, _)) = best {
+        return Ok(id);
+    }
+    // Nothing fits: say how close the best slot came. Only this path pays
+    // for it (a second pass), not every placement.
+    // The free slot closest to fitting the request: the one that covers the
+    // largest share of its scarcer resource.
+    let coverage = |free: Resources| -> u64 {
+        let part = |have: u64, want: u64| {
+            if want == 0 {
+                u64::MAX
+            } else {
+                ppm(have, want)
+            }
+        };
+        part(free.cpu_millis, request.cpu_millis).min(part(free.memory_mb, request.memory_mb))
+    };
+    let mut largest_free: Option<(Resources, u64)> = None;
+    for (_, host) in hosts {
+        if !host.schedulable {
+            continue;
+        }
+        let free = host.free();
+        let covers = coverage(free);
+        if largest_free.is_none_or(|(_, l)| covers > l) {
+            largest_free = Some((free, covers));
+        }
+    }
+    let largest_free = largest_free.map(|(free, _)| free).unwrap_or_default();
+    Err(CorralError::NoCapacity {
         requested_cpu_millis: u32::try_from(request.cpu_millis).unwrap_or(u32::MAX),
         requested_memory_mb: request.memory_mb,
         largest_free_cpu_millis: largest_free.cpu_millis,
         largest_free_memory_mb: largest_free.memory_mb,
     })
+}
+
+/// `part / whole` in parts per million (0 for an empty whole), in 64-bit
+/// arithmetic unless `part` is too large for it: 128-bit division costs
+/// several times more and placement runs it for every host.
+fn ppm(part: u64, whole: u64) -> u64 {
+    if whole == 0 {
+        return 0;
+    }
+    match part.checked_mul(1_000_000) {
+        Some(scaled) => scaled / whole,
+        None => u64::try_from(u128::from(part) * 1_000_000 / u128::from(whole)).unwrap_or(u64::MAX),
+    }
 }
 
 pub enum SchedulerMsg {

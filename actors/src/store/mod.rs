@@ -472,14 +472,41 @@ impl Store {
         Ok(inserted)
     }
 
-    /// The latest usage entry of a sandbox (metering resumes after it).
-    pub async fn last_usage(&self, sandbox_id: &str) -> Result<Option<ledger_entry::Model>> {
-        Ok(ledger_entry::Entity::find()
-            .filter(ledger_entry::Column::SandboxId.eq(sandbox_id))
-            .filter(ledger_entry::Column::Kind.eq("usage"))
-            .order_by_desc(ledger_entry::Column::PeriodEnd)
-            .one(&self.db)
-            .await?)
+    /// The end and carry of the latest usage period of each of these
+    /// sandboxes (metering resumes after it). A sandbox's periods are
+    /// appended in order by its one ledger, so its latest is its highest id.
+    pub async fn last_usage_of(
+        &self,
+        sandbox_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, (chrono::DateTime<Utc>, i64)>> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in sandbox_ids.chunks(500) {
+            let latest: Vec<i64> = ledger_entry::Entity::find()
+                .select_only()
+                .column_as(ledger_entry::Column::Id.max(), "latest")
+                .filter(ledger_entry::Column::SandboxId.is_in(chunk.iter().cloned()))
+                .filter(ledger_entry::Column::Kind.eq("usage"))
+                .group_by(ledger_entry::Column::SandboxId)
+                .into_tuple::<Option<i64>>()
+                .all(&self.db)
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+            if latest.is_empty() {
+                continue;
+            }
+            for entry in ledger_entry::Entity::find()
+                .filter(ledger_entry::Column::Id.is_in(latest))
+                .all(&self.db)
+                .await?
+            {
+                if let (Some(sandbox), Some(end)) = (entry.sandbox_id, entry.period_end) {
+                    found.insert(sandbox, (end, entry.carry.unwrap_or(0)));
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Usage entries of an org whose period starts in `[from, to)`.

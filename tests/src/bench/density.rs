@@ -1,0 +1,154 @@
+//! `density`: M live sandboxes (created through the REST API on simulated
+//! agents) held by `corral server` as a child process. Control-plane memory
+//! per sandbox (RSS growth / M) and the latency of `GET /v1/sandboxes` (a
+//! page) and `GET /v1/sandboxes/{id}` with all of them in the database.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use super::fleet::{connect_fleet, seed_host_tokens};
+use super::server_proc::ServerProcess;
+use super::{bounded, rss_bytes, Params, Report};
+use crate::{free_port, Api};
+
+pub const TARGET_BYTES_PER_SANDBOX: f64 = 4096.0;
+pub const TARGET_QUERY_MS: f64 = 10.0;
+
+pub async fn run(params: &Params) -> Report {
+    let (sandboxes, hosts) = if params.quick {
+        (10_000, 10)
+    } else {
+        (100_000, 100)
+    };
+    run_with(params.quick, sandboxes, hosts).await
+}
+
+pub async fn run_with(quick: bool, sandboxes: usize, hosts: usize) -> Report {
+    let report = Report::new(
+        "density",
+        quick,
+        &format!(
+            "{sandboxes} live sandboxes: <= {:.0} KiB control-plane memory each; list and get p99 < {TARGET_QUERY_MS:.0} ms",
+            TARGET_BYTES_PER_SANDBOX / 1024.0
+        ),
+    );
+    match measure(report.clone(), sandboxes, hosts).await {
+        Ok(report) => report,
+        Err(err) => report.skip(format!("could not run: {err:#}")),
+    }
+}
+
+async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Result<Report> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("cp");
+    let tokens = seed_host_tokens(&data, hosts).await?;
+    let (server, _) = ServerProcess::start(&data, free_port(), free_port(), &[]).await?;
+    let pid = server.pid()?;
+    let (agents, _) = connect_fleet(
+        &server.grpc_url(),
+        &tokens,
+        &mut |_| Vec::new(),
+        Duration::from_secs(1),
+    )
+    .await?;
+    let (status, org) = server
+        .admin
+        .post("/v1/admin/orgs", json!({"name": "density", "exempt": true}))
+        .await;
+    anyhow::ensure!(status == StatusCode::CREATED, "creating the org: {org}");
+    let key = org["api_key"]["secret"].as_str().unwrap_or_default();
+    let api = Api::new(&server.admin.base, key);
+    // A few creates first so one-off allocations (pools, caches, the
+    // ledger actor) are not counted per sandbox.
+    let _ = create_many(&api, 200, 32).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss0 = rss_bytes(pid).unwrap_or(0);
+
+    let started = Instant::now();
+    let ids = create_many(&api, count, 64).await;
+    let create_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = rss_bytes(pid).unwrap_or(0);
+    let created = ids.len();
+    let per = rss1.saturating_sub(rss0) as f64 / created.max(1) as f64;
+
+    // Queries, one at a time (latency, not throughput).
+    let mut list = Vec::new();
+    let mut list_deep = Vec::new();
+    let mid = ids.get(created / 2).cloned().unwrap_or_default();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let (status, _) = api.get("/v1/sandboxes?limit=100").await;
+        if status == StatusCode::OK {
+            list.push(t.elapsed());
+        }
+        let t = Instant::now();
+        let (status, _) = api
+            .get(&format!("/v1/sandboxes?limit=100&after={mid}"))
+            .await;
+        if status == StatusCode::OK {
+            list_deep.push(t.elapsed());
+        }
+    }
+    let mut get = Vec::new();
+    for i in 0..500 {
+        let id = &ids[(i * 7919) % created.max(1)];
+        let t = Instant::now();
+        let (status, _) = api.get(&format!("/v1/sandboxes/{id}")).await;
+        if status == StatusCode::OK {
+            get.push(t.elapsed());
+        }
+    }
+    let held: usize = agents.iter().map(|a| a.sandboxes()).sum();
+
+    report.figure("sandboxes_created", created as f64, "");
+    report.figure("sandboxes_on_agents", held as f64, "");
+    report.figure(
+        "create_rate",
+        created as f64 / create_time.as_secs_f64(),
+        "creates/s",
+    );
+    report.figure("cp_rss_before", rss0 as f64 / 1048576.0, "MiB");
+    report.figure("cp_rss_after", rss1 as f64 / 1048576.0, "MiB");
+    report.figure("cp_bytes_per_sandbox", per, "B");
+    let l = report.latencies("list_first_page", &list);
+    let ld = report.latencies("list_page_after_mid", &list_deep);
+    let g = report.latencies("get", &get);
+    report.pass = Some(
+        created == count
+            && per <= TARGET_BYTES_PER_SANDBOX
+            && l.p99_ms < TARGET_QUERY_MS
+            && ld.p99_ms < TARGET_QUERY_MS
+            && g.p99_ms < TARGET_QUERY_MS,
+    );
+    if created < count {
+        report.note(format!("{} creates failed", count - created));
+    }
+    drop(agents);
+    server.kill_hard().await;
+    Ok(report)
+}
+
+/// Creates `count` sandboxes, `concurrency` at a time; the ids created.
+pub async fn create_many(api: &Api, count: usize, concurrency: usize) -> Vec<String> {
+    let results = bounded(count, concurrency, |_| {
+        let api = api.clone();
+        async move {
+            let (status, body) = api
+                .post(
+                    "/v1/sandboxes",
+                    json!({"image": "busybox", "command": ["sleep", "3600"], "cpu_millis": 10, "memory_mb": 16}),
+                )
+                .await;
+            (status == StatusCode::CREATED)
+                .then(|| body["id"].as_str().map(str::to_string))
+                .flatten()
+        }
+    })
+    .await;
+    let mut ids: Vec<String> = results.into_iter().flatten().collect();
+    ids.sort();
+    ids
+}
