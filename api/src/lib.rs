@@ -1,14 +1,18 @@
 //! The Corral control plane's edges: the REST API (axum), the agent gRPC
 //! service (tonic), authentication, server start-up and the `corral` CLI.
 
+pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod client;
 pub mod dev;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod rest;
 pub mod server;
+
+use std::sync::Arc;
 
 use corral_actors::ControlPlane;
 
@@ -18,4 +22,6 @@ pub struct AppState {
     pub control_plane: ControlPlane,
     /// SHA-256 of the platform admin token, if one is configured.
     pub admin_token_hash: Option<String>,
+    /// Rate limits, exec caps, body limit and request timeout.
+    pub limits: Arc<limits::Limits>,
 }

@@ -79,6 +79,22 @@ pub struct ServerConfig {
     /// The running time each live sandbox holds credit for, in milliseconds.
     #[arg(long, env = "CORRAL_BILLING_HOLD_WINDOW_MS", default_value_t = 60_000)]
     pub billing_hold_window_ms: u64,
+    /// Sustained requests per second each API key (and the admin token)
+    /// may make.
+    #[arg(long, env = "CORRAL_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
+    pub rate_limit_per_second: u32,
+    /// Requests a key may make in a burst before the rate applies.
+    #[arg(long, env = "CORRAL_RATE_LIMIT_BURST", default_value_t = 1000)]
+    pub rate_limit_burst: u32,
+    /// The largest request body, in bytes.
+    #[arg(long, env = "CORRAL_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// The deadline of every REST request but exec, in milliseconds.
+    #[arg(long, env = "CORRAL_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    pub request_timeout_ms: u64,
+    /// How many execs may run in one sandbox at once.
+    #[arg(long, env = "CORRAL_MAX_EXECS_PER_SANDBOX", default_value_t = 32)]
+    pub max_execs_per_sandbox: usize,
 }
 
 impl ServerConfig {
@@ -101,6 +117,21 @@ impl ServerConfig {
             billing_grace_ms: 900_000,
             billing_min_balance_micros: 0,
             billing_hold_window_ms: 60_000,
+            rate_limit_per_second: 200,
+            rate_limit_burst: 1000,
+            max_body_bytes: 1 << 20,
+            request_timeout_ms: 120_000,
+            max_execs_per_sandbox: 32,
+        }
+    }
+
+    fn limits(&self) -> crate::limits::LimitsConfig {
+        crate::limits::LimitsConfig {
+            rate_per_second: self.rate_limit_per_second,
+            burst: self.rate_limit_burst,
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_execs_per_sandbox: self.max_execs_per_sandbox,
         }
     }
 
@@ -155,6 +186,43 @@ impl ServerConfig {
                 self.billing_hold_window_ms,
                 0,
                 86_400_000,
+            ),
+        ] {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{flag} must be between {min} and {max}"
+            );
+        }
+        for (flag, value, min, max) in [
+            (
+                "--rate-limit-per-second",
+                u64::from(self.rate_limit_per_second),
+                1,
+                1_000_000,
+            ),
+            (
+                "--rate-limit-burst",
+                u64::from(self.rate_limit_burst),
+                1,
+                1_000_000,
+            ),
+            (
+                "--max-body-bytes",
+                self.max_body_bytes as u64,
+                1024,
+                64 << 20,
+            ),
+            (
+                "--request-timeout-ms",
+                self.request_timeout_ms,
+                10,
+                3_600_000,
+            ),
+            (
+                "--max-execs-per-sandbox",
+                self.max_execs_per_sandbox as u64,
+                1,
+                10_000,
             ),
         ] {
             anyhow::ensure!(
@@ -217,6 +285,7 @@ impl Server {
         let state = AppState {
             control_plane: control_plane.clone(),
             admin_token_hash: config.admin_token.as_deref().map(hash_secret),
+            limits: crate::limits::Limits::new(config.limits()),
         };
         let (shutdown, _) = watch::channel(false);
 
@@ -232,11 +301,14 @@ impl Server {
         let mut http_stop = shutdown.subscribe();
         let app = crate::rest::router(state);
         let http_task = tokio::spawn(async move {
-            let served = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let served = axum::serve(
+                http_listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
             if let Err(err) = served {
                 tracing::error!(error = %err, "REST server failed");
             }
