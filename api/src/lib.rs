@@ -24,4 +24,6 @@ pub struct AppState {
     pub admin_token_hash: Option<String>,
     /// Rate limits, exec caps, body limit and request timeout.
     pub limits: Arc<limits::Limits>,
+    /// Live agent streams by host token, to end them on revocation.
+    pub agent_streams: grpc::LiveConnections,
 }

@@ -640,6 +640,14 @@ async fn revoke_host_token(
     Path(id): Path<String>,
 ) -> ApiResult<Json<HostTokenView>> {
     let token = state.control_plane.store().revoke_host_token(&id).await?;
+    // Revocation is immediate: a stream the token opened ends now, not at
+    // the agent's next reconnect.
+    let ended = state
+        .agent_streams
+        .end_streams_of(&token.id, "host token revoked");
+    if ended > 0 {
+        tracing::info!(host.id = %token.host_id, token.id = %token.id, ended, "ended the agent streams of a revoked host token");
+    }
     Ok(Json(token.into()))
 }
 

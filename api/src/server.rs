@@ -282,10 +282,12 @@ impl Server {
         .await
         .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;
 
+        let agent_streams = crate::grpc::LiveConnections::default();
         let state = AppState {
             control_plane: control_plane.clone(),
             admin_token_hash: config.admin_token.as_deref().map(hash_secret),
             limits: crate::limits::Limits::new(config.limits()),
+            agent_streams: agent_streams.clone(),
         };
         let (shutdown, _) = watch::channel(false);
 
@@ -315,7 +317,7 @@ impl Server {
         });
 
         let mut grpc_stop = shutdown.subscribe();
-        let gateway = AgentGateway::new(control_plane.clone()).into_service();
+        let gateway = AgentGateway::new(control_plane.clone(), agent_streams).into_service();
         let grpc_task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             let served = tonic::transport::Server::builder()
