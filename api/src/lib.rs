@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod limits;
 pub mod rest;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 

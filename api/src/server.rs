@@ -95,6 +95,20 @@ pub struct ServerConfig {
     /// How many execs may run in one sandbox at once.
     #[arg(long, env = "CORRAL_MAX_EXECS_PER_SANDBOX", default_value_t = 32)]
     pub max_execs_per_sandbox: usize,
+    /// PEM certificate (chain) to serve REST and gRPC over TLS.
+    #[arg(long, env = "CORRAL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "CORRAL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: agents must present a certificate it signed
+    /// (mutual TLS on the agent service). Needs `--tls-cert`.
+    #[arg(long, env = "CORRAL_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address anyway (tokens then cross
+    /// the network in the clear; LESSONS 11).
+    #[arg(long, env = "CORRAL_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
 }
 
 impl ServerConfig {
@@ -122,6 +136,42 @@ impl ServerConfig {
             max_body_bytes: 1 << 20,
             request_timeout_ms: 120_000,
             max_execs_per_sandbox: 32,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            allow_plaintext: false,
+        }
+    }
+
+    /// The TLS material, if TLS is configured (read and checked now).
+    fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles::load(
+                cert,
+                key,
+                self.client_ca.as_ref(),
+            )?)),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.client_ca.is_none(),
+                    "--client-ca needs --tls-cert and --tls-key"
+                );
+                let exposed: Vec<String> = [self.http_addr, self.grpc_addr]
+                    .iter()
+                    .filter(|a| !a.ip().is_loopback())
+                    .map(ToString::to_string)
+                    .collect();
+                if !exposed.is_empty() {
+                    anyhow::ensure!(
+                        self.allow_plaintext,
+                        "refusing to serve plaintext on {} (not loopback): give --tls-cert and --tls-key, or --allow-plaintext if something else encrypts the traffic",
+                        exposed.join(", ")
+                    );
+                    tracing::warn!(addresses = %exposed.join(", "), "serving PLAINTEXT on a non-loopback address (--allow-plaintext): API keys and host tokens cross the network in the clear");
+                }
+                Ok(None)
+            }
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         }
     }
 
@@ -244,6 +294,8 @@ impl ServerConfig {
 pub struct Server {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Whether both listeners speak TLS.
+    pub tls: bool,
     pub control_plane: ControlPlane,
     shutdown: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<()>,
@@ -253,6 +305,7 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        let tls = config.tls()?;
         if config.database_url.is_none() {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
                 format!("creating data directory {}", config.data_dir.display())
@@ -301,26 +354,51 @@ impl Server {
         let grpc_addr = grpc_listener.local_addr()?;
 
         let mut http_stop = shutdown.subscribe();
-        let app = crate::rest::router(state);
-        let http_task = tokio::spawn(async move {
-            let served = axum::serve(
-                http_listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-            if let Err(err) = served {
-                tracing::error!(error = %err, "REST server failed");
+        let app = crate::rest::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let stopped = async move {
+            let _ = http_stop.wait_for(|stop| *stop).await;
+        };
+        let http_task = match &tls {
+            Some(tls) => {
+                use axum::serve::ListenerExt;
+                // tap_io only so axum's ConnectInfo<SocketAddr> applies.
+                let listener =
+                    crate::tls::TlsListener::new(http_listener, tls.rest_config()?)?.tap_io(|_| {});
+                tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await;
+                    if let Err(err) = served {
+                        tracing::error!(error = %err, "REST server failed");
+                    }
+                })
             }
-        });
+            None => tokio::spawn(async move {
+                let served = axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "REST server failed");
+                }
+            }),
+        };
 
         let mut grpc_stop = shutdown.subscribe();
         let gateway = AgentGateway::new(control_plane.clone(), agent_streams).into_service();
+        let grpc_tls = tls.as_ref().map(crate::tls::TlsFiles::grpc_config);
         let grpc_task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-            let served = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = grpc_tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(builder) => builder,
+                    Err(err) => {
+                        tracing::error!(error = %err, "agent service TLS failed");
+                        return;
+                    }
+                };
+            }
+            let served = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(gateway)
@@ -333,10 +411,11 @@ impl Server {
             }
         });
 
-        tracing::info!(%http_addr, %grpc_addr, "control plane listening");
+        tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()), "control plane listening");
         Ok(Self {
             http_addr,
             grpc_addr,
+            tls: tls.is_some(),
             control_plane,
             shutdown,
             http_task,
@@ -345,11 +424,13 @@ impl Server {
     }
 
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
     /// REST first (drains in-flight requests), then agent streams, then the
