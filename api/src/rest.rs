@@ -632,7 +632,7 @@ async fn list_host_tokens(
     }))
 }
 
-#[utoipa::path(delete, path = "/v1/admin/host-tokens/{id}",
+#[utoipa::path(delete, path = "/v1/admin/host-tokens/{id}", params(("id" = String, Path)),
     responses((status = 200, body = HostTokenView), (status = 404, body = ErrorBody)), tag = "admin")]
 async fn revoke_host_token(
     _: AdminCaller,
@@ -738,7 +738,7 @@ async fn list_api_keys(
     }))
 }
 
-#[utoipa::path(delete, path = "/v1/api-keys/{id}",
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", params(("id" = String, Path)),
     responses((status = 200, body = ApiKeyView), (status = 404, body = ErrorBody)), tag = "org")]
 async fn revoke_api_key(
     caller: OrgCaller,
@@ -842,7 +842,7 @@ async fn list_sandboxes(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn get_sandbox(
     caller: OrgCaller,
@@ -874,7 +874,7 @@ async fn set_desired(
     Ok(Json(row.into()))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
 async fn start_sandbox(
     caller: OrgCaller,
@@ -885,7 +885,7 @@ async fn start_sandbox(
     set_desired(caller, state, id, DesiredState::Running, q.wait).await
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn stop_sandbox(
     caller: OrgCaller,
@@ -896,7 +896,7 @@ async fn stop_sandbox(
     set_desired(caller, state, id, DesiredState::Stopped, q.wait).await
 }
 
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn destroy_sandbox(
     caller: OrgCaller,
@@ -907,7 +907,7 @@ async fn destroy_sandbox(
     set_desired(caller, state, id, DesiredState::Destroyed, q.wait).await
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecRequest,
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", params(("id" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
 async fn exec_sandbox(
     caller: OrgCaller,
