@@ -157,6 +157,13 @@ async fn run_session(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
+    let endpoint = if config.control_plane_url.starts_with("https://") {
+        endpoint
+            .tls_config(config.tls.client_config())
+            .context("the control plane's TLS settings")?
+    } else {
+        endpoint
+    };
     let channel = endpoint
         .connect()
         .await

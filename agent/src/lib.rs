@@ -44,6 +44,35 @@ pub struct AgentConfig {
     pub max_concurrent_commands: usize,
     /// How often the runtime is listed to notice changes on its own.
     pub poll_interval: Duration,
+    /// How an `https://` control plane is verified, and the certificate
+    /// the agent presents (mutual TLS).
+    pub tls: AgentTls,
+}
+
+/// TLS settings of the agent's dial (PEM contents, read at start-up).
+#[derive(Debug, Clone, Default)]
+pub struct AgentTls {
+    /// The CA that signed the control plane's certificate; the system's
+    /// roots when `None`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its key, for a control plane that demands
+    /// one (`--client-ca`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl AgentTls {
+    /// tonic's client TLS config for these settings.
+    pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        config
+    }
 }
 
 impl Default for AgentConfig {
@@ -56,6 +85,7 @@ impl Default for AgentConfig {
             memory_mb: 1024,
             max_concurrent_commands: 64,
             poll_interval: Duration::from_secs(1),
+            tls: AgentTls::default(),
         }
     }
 }

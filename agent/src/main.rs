@@ -71,6 +71,16 @@ struct RunArgs {
     /// A file holding the host token (wins over --token).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// PEM CA certificate that signed the control plane's certificate
+    /// (for an https:// control plane; default: the system's roots).
+    #[arg(long, env = "CORRAL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate to present (mutual TLS).
+    #[arg(long, env = "CORRAL_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM key of `--client-cert`.
+    #[arg(long, env = "CORRAL_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     #[command(flatten)]
     data_dir: DataDir,
     #[arg(long, value_enum, default_value = "auto")]
@@ -326,6 +336,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         memory_mb,
         max_concurrent_commands: args.max_concurrent_commands.max(1),
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+        tls: agent_tls(&args)?,
     };
     let watchdog = WatchdogConfig {
         ttl_margin: Duration::from_secs(args.ttl_margin_secs),
@@ -445,6 +456,39 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
     }
+}
+
+/// Reads the TLS files now, so a bad path fails at start, not at each dial.
+fn agent_tls(args: &RunArgs) -> anyhow::Result<corral_agent::AgentTls> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+    };
+    let tls = corral_agent::AgentTls {
+        ca_pem: args
+            .ca_cert
+            .as_ref()
+            .map(|p| read(p, "CA certificate"))
+            .transpose()?,
+        identity: match (&args.client_cert, &args.client_key) {
+            (Some(cert), Some(key)) => {
+                Some((read(cert, "client certificate")?, read(key, "client key")?))
+            }
+            _ => None,
+        },
+    };
+    let plaintext = args.control_plane.starts_with("http://");
+    if plaintext && (tls.ca_pem.is_some() || tls.identity.is_some()) {
+        bail!("--ca-cert and --client-cert need an https:// control plane");
+    }
+    if plaintext {
+        let loopback = ["http://127.", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| args.control_plane.starts_with(p));
+        if !loopback {
+            tracing::warn!(control_plane = %args.control_plane, "dialing the control plane in PLAINTEXT: the host token crosses the network in the clear");
+        }
+    }
+    Ok(tls)
 }
 
 #[cfg(test)]

@@ -166,6 +166,7 @@ impl RunningAgent {
             memory_mb: 8192,
             max_concurrent_commands,
             poll_interval: Duration::from_millis(50),
+            tls: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         let shared: Arc<dyn Runtime> = Arc::new(runtime.clone());

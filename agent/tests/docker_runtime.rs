@@ -478,6 +478,7 @@ async fn the_watchdog_stops_a_docker_sandbox_past_its_ttl_and_the_deadline_is_a_
         control_plane_url: "http://127.0.0.1:1".into(),
         token: "host-token".into(),
         poll_interval: Duration::from_millis(100),
+        tls: Default::default(),
         ..AgentConfig::default()
     };
     let watchdog = WatchdogConfig {

@@ -409,7 +409,7 @@ pub async fn get_usage(
 
 // ---- admin routes -------------------------------------------------------------
 
-#[utoipa::path(post, path = "/v1/admin/orgs/{id}/credits", request_body = CreditRequest,
+#[utoipa::path(post, path = "/v1/admin/orgs/{id}/credits", params(("id" = String, Path)), request_body = CreditRequest,
     responses((status = 200, body = BillingView), (status = 404, body = crate::error::ErrorBody)), tag = "admin")]
 pub async fn credit_org(
     _: AdminCaller,
@@ -441,7 +441,7 @@ pub async fn credit_org(
     Ok(Json(summary.into()))
 }
 
-#[utoipa::path(get, path = "/v1/admin/orgs/{id}/billing",
+#[utoipa::path(get, path = "/v1/admin/orgs/{id}/billing", params(("id" = String, Path)),
     responses((status = 200, body = BillingView), (status = 404, body = crate::error::ErrorBody)), tag = "admin")]
 pub async fn get_org_billing(
     _: AdminCaller,
@@ -460,7 +460,7 @@ pub async fn get_org_billing(
     Ok(Json(state.control_plane.billing(&org_id).await?.into()))
 }
 
-#[utoipa::path(put, path = "/v1/admin/orgs/{id}/billing", request_body = BillingSettingsRequest,
+#[utoipa::path(put, path = "/v1/admin/orgs/{id}/billing", params(("id" = String, Path)), request_body = BillingSettingsRequest,
     responses((status = 200, body = BillingView), (status = 404, body = crate::error::ErrorBody)), tag = "admin")]
 pub async fn set_org_billing(
     _: AdminCaller,

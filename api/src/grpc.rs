@@ -3,8 +3,14 @@
 //! the agent: LESSONS 6), waits for `Register`, hands the outbound half of the
 //! stream to a new ConnectionActor (its only writer) and then forwards every
 //! inbound message to that actor until the stream ends.
+//!
+//! It also keeps the table of live streams by the token that opened them
+//! ([`LiveConnections`]): revoking a token ends its streams at once, and a
+//! stream ends by itself when its token expires.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corral_actors::actors::connection::ConnMsg;
@@ -12,6 +18,7 @@ use corral_actors::store::HostRegistration;
 use corral_actors::{ControlPlane, CorralError};
 use corral_proto::pb;
 use futures::{Stream, StreamExt};
+use ractor::ActorRef;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -21,13 +28,59 @@ const REGISTER_DEADLINE: Duration = Duration::from_secs(10);
 /// Commands queued for one agent before the connection answers "busy".
 const OUTBOUND_QUEUE: usize = 1024;
 
+/// The agent streams open now, by the id of the host token that opened
+/// them.
+#[derive(Clone, Default)]
+pub struct LiveConnections(Arc<Mutex<HashMap<String, Vec<ActorRef<ConnMsg>>>>>);
+
+impl LiveConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<ActorRef<ConnMsg>>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, token_id: &str, connection: ActorRef<ConnMsg>) {
+        self.lock()
+            .entry(token_id.to_string())
+            .or_default()
+            .push(connection);
+    }
+
+    fn remove(&self, token_id: &str, connection: &ActorRef<ConnMsg>) {
+        let mut live = self.lock();
+        if let Some(list) = live.get_mut(token_id) {
+            list.retain(|c| c.get_id() != connection.get_id());
+            if list.is_empty() {
+                live.remove(token_id);
+            }
+        }
+    }
+
+    /// Ends every stream opened with `token_id` (e.g. it was revoked): the
+    /// ConnectionActor stops, its pending requests fail, the host is
+    /// disconnected, and the agent's redial meets the revoked token.
+    /// Returns how many streams were ended.
+    pub fn end_streams_of(&self, token_id: &str, reason: &str) -> usize {
+        let ended = self.lock().remove(token_id).unwrap_or_default();
+        for connection in &ended {
+            let _ = connection.cast(ConnMsg::StreamEnded(reason.to_string()));
+        }
+        ended.len()
+    }
+}
+
 pub struct AgentGateway {
     control_plane: ControlPlane,
+    live: LiveConnections,
 }
 
 impl AgentGateway {
-    pub fn new(control_plane: ControlPlane) -> Self {
-        Self { control_plane }
+    pub fn new(control_plane: ControlPlane, live: LiveConnections) -> Self {
+        Self {
+            control_plane,
+            live,
+        }
     }
 
     pub fn into_service(self) -> pb::agent_service_server::AgentServiceServer<Self> {
@@ -73,6 +126,8 @@ impl pb::agent_service_server::AgentService for AgentGateway {
             .map_err(status_of)?
             .ok_or_else(|| Status::unauthenticated("unknown or revoked host token"))?;
         let host_id = host_token.host_id;
+        let token_id = host_token.id;
+        let expires_at = host_token.expires_at;
 
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_DEADLINE, inbound.message())
@@ -109,7 +164,27 @@ impl pb::agent_service_server::AgentService for AgentGateway {
             .await
             .map_err(status_of)?;
 
-        tokio::spawn(forward_inbound(host_id, inbound, connection));
+        self.live.add(&token_id, connection.clone());
+        // The token was checked when the stream opened; the stream does not
+        // outlive it.
+        let expiry = expires_at.map(|expires_at| {
+            let left = (expires_at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(left).await;
+                let _ = connection.cast(ConnMsg::StreamEnded("host token expired".into()));
+            })
+        });
+        let live = self.live.clone();
+        tokio::spawn(async move {
+            forward_inbound(host_id, inbound, connection.clone()).await;
+            live.remove(&token_id, &connection);
+            if let Some(expiry) = expiry {
+                expiry.abort();
+            }
+        });
         let stream = ReceiverStream::new(outbound_rx).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }

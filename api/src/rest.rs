@@ -7,17 +7,17 @@
 use std::collections::BTreeMap;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Query, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use chrono::{DateTime, Utc};
 use corral_actors::domain::{self, limits, DesiredState, ExecSpec, SandboxSpec, SandboxState};
 use corral_actors::store::{self, SandboxFilter};
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::auth::{AdminCaller, OrgCaller};
+use crate::auth::{AdminCaller, OrgCaller, Role};
 use crate::billing;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::AppState;
@@ -35,6 +35,13 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is larger than this server accepts",
+                ))
+            }
             Err(rejection) => Err(ApiError::new(
                 rejection.status(),
                 "invalid_body",
@@ -93,6 +100,43 @@ pub struct OrgList {
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKeyRequest {
     pub name: String,
+    /// admin, developer (default), viewer or billing; at most the caller's
+    /// own role.
+    pub role: Option<String>,
+    /// When the key stops working (RFC 3339). Not with `ttl_seconds`.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The key stops working this many seconds from now.
+    pub ttl_seconds: Option<u64>,
+}
+
+/// The longest a key or host token may be issued for: ten years.
+const MAX_CREDENTIAL_TTL_SECONDS: u64 = 10 * 366 * 86_400;
+
+/// The expiry of a new credential from `expires_at` or `ttl_seconds`.
+fn credential_expiry(
+    expires_at: Option<DateTime<Utc>>,
+    ttl_seconds: Option<u64>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let now = Utc::now();
+    match (expires_at, ttl_seconds) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give expires_at or ttl_seconds, not both",
+        )),
+        (Some(at), None) => {
+            if at <= now {
+                return Err(ApiError::bad_request("expires_at must be in the future"));
+            }
+            if at > now + chrono::Duration::seconds(MAX_CREDENTIAL_TTL_SECONDS as i64) {
+                return Err(ApiError::bad_request("expires_at must be within ten years"));
+            }
+            Ok(Some(at))
+        }
+        (None, Some(ttl)) => {
+            let ttl = domain::validate_range("ttl_seconds", ttl, 1, MAX_CREDENTIAL_TTL_SECONDS)?;
+            Ok(Some(now + chrono::Duration::seconds(ttl as i64)))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// An API key as listed: the secret is never shown again.
@@ -104,6 +148,8 @@ pub struct ApiKeyView {
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub role: String,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<store::api_key::Model> for ApiKeyView {
@@ -115,6 +161,8 @@ impl From<store::api_key::Model> for ApiKeyView {
             created_at: m.created_at,
             last_used_at: m.last_used_at,
             revoked_at: m.revoked_at,
+            role: m.role,
+            expires_at: m.expires_at,
         }
     }
 }
@@ -127,6 +175,8 @@ pub struct CreatedApiKey {
     pub prefix: String,
     pub secret: String,
     pub created_at: DateTime<Utc>,
+    pub role: String,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<store::Issued<store::api_key::Model>> for CreatedApiKey {
@@ -137,6 +187,8 @@ impl From<store::Issued<store::api_key::Model>> for CreatedApiKey {
             prefix: issued.record.prefix,
             secret: issued.secret,
             created_at: issued.record.created_at,
+            role: issued.record.role,
+            expires_at: issued.record.expires_at,
         }
     }
 }
@@ -152,6 +204,10 @@ pub struct CreateHostTokenRequest {
     pub name: String,
     /// Issue the token for an existing host (e.g. to rotate its token).
     pub host_id: Option<String>,
+    /// When the token stops working (RFC 3339). Not with `ttl_seconds`.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The token stops working this many seconds from now.
+    pub ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -162,6 +218,7 @@ pub struct HostTokenView {
     pub prefix: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<store::host_token::Model> for HostTokenView {
@@ -173,6 +230,7 @@ impl From<store::host_token::Model> for HostTokenView {
             prefix: m.prefix,
             created_at: m.created_at,
             revoked_at: m.revoked_at,
+            expires_at: m.expires_at,
         }
     }
 }
@@ -186,6 +244,7 @@ pub struct CreatedHostToken {
     pub prefix: String,
     pub token: String,
     pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -538,6 +597,7 @@ async fn create_host_token(
     ApiJson(req): ApiJson<CreateHostTokenRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedHostToken>)> {
     validate_display_name("name", &req.name)?;
+    let expires_at = credential_expiry(req.expires_at, req.ttl_seconds)?;
     if let Some(host_id) = &req.host_id {
         let known = state.control_plane.store().list_host_tokens().await?;
         if !known.iter().any(|t| &t.host_id == host_id) {
@@ -547,7 +607,7 @@ async fn create_host_token(
     let issued = state
         .control_plane
         .store()
-        .create_host_token(&req.name, req.host_id)
+        .issue_host_token(&req.name, req.host_id, expires_at)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -558,6 +618,7 @@ async fn create_host_token(
             prefix: issued.record.prefix,
             token: issued.secret,
             created_at: issued.record.created_at,
+            expires_at: issued.record.expires_at,
         }),
     ))
 }
@@ -573,7 +634,7 @@ async fn list_host_tokens(
     }))
 }
 
-#[utoipa::path(delete, path = "/v1/admin/host-tokens/{id}",
+#[utoipa::path(delete, path = "/v1/admin/host-tokens/{id}", params(("id" = String, Path)),
     responses((status = 200, body = HostTokenView), (status = 404, body = ErrorBody)), tag = "admin")]
 async fn revoke_host_token(
     _: AdminCaller,
@@ -581,6 +642,14 @@ async fn revoke_host_token(
     Path(id): Path<String>,
 ) -> ApiResult<Json<HostTokenView>> {
     let token = state.control_plane.store().revoke_host_token(&id).await?;
+    // Revocation is immediate: a stream the token opened ends now, not at
+    // the agent's next reconnect.
+    let ended = state
+        .agent_streams
+        .end_streams_of(&token.id, "host token revoked");
+    if ended > 0 {
+        tracing::info!(host.id = %token.host_id, token.id = %token.id, ended, "ended the agent streams of a revoked host token");
+    }
     Ok(Json(token.into()))
 }
 
@@ -634,10 +703,24 @@ async fn create_api_key(
     ApiJson(req): ApiJson<CreateApiKeyRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
     validate_display_name("name", &req.name)?;
+    let role = match &req.role {
+        None => Role::Developer,
+        Some(name) => Role::parse(name).ok_or_else(|| {
+            ApiError::bad_request("role must be admin, developer, viewer or billing")
+        })?,
+    };
+    if !caller.role.may_issue(role) {
+        return Err(ApiError::forbidden(format!(
+            "a {} key may not issue a {} key",
+            caller.role.as_str(),
+            role.as_str()
+        )));
+    }
+    let expires_at = credential_expiry(req.expires_at, req.ttl_seconds)?;
     let issued = state
         .control_plane
         .store()
-        .create_api_key(&caller.org_id, &req.name)
+        .issue_api_key(&caller.org_id, &req.name, role.as_str(), expires_at)
         .await?;
     Ok((StatusCode::CREATED, Json(issued.into())))
 }
@@ -657,7 +740,7 @@ async fn list_api_keys(
     }))
 }
 
-#[utoipa::path(delete, path = "/v1/api-keys/{id}",
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", params(("id" = String, Path)),
     responses((status = 200, body = ApiKeyView), (status = 404, body = ErrorBody)), tag = "org")]
 async fn revoke_api_key(
     caller: OrgCaller,
@@ -762,7 +845,7 @@ async fn list_sandboxes(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn get_sandbox(
     caller: OrgCaller,
@@ -794,7 +877,7 @@ async fn set_desired(
     Ok(Json(row.into()))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
 async fn start_sandbox(
     caller: OrgCaller,
@@ -805,7 +888,7 @@ async fn start_sandbox(
     set_desired(caller, state, id, DesiredState::Running, q.wait).await
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn stop_sandbox(
     caller: OrgCaller,
@@ -816,7 +899,7 @@ async fn stop_sandbox(
     set_desired(caller, state, id, DesiredState::Stopped, q.wait).await
 }
 
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("wait" = Option<bool>, Query)),
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path), ("wait" = Option<bool>, Query)),
     responses((status = 200, body = SandboxView), (status = 404, body = ErrorBody)), tag = "sandboxes")]
 async fn destroy_sandbox(
     caller: OrgCaller,
@@ -827,7 +910,7 @@ async fn destroy_sandbox(
     set_desired(caller, state, id, DesiredState::Destroyed, q.wait).await
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecRequest,
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", params(("id" = String, Path)), request_body = ExecRequest,
     responses((status = 200, body = ExecResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "sandboxes")]
 async fn exec_sandbox(
     caller: OrgCaller,
@@ -837,6 +920,7 @@ async fn exec_sandbox(
 ) -> ApiResult<Json<ExecResponse>> {
     check_sandbox_id(&id)?;
     let spec = validate_exec(req)?;
+    let _slot = state.limits.exec_slot(&caller.org_id, &id)?;
     let out = state.control_plane.exec(&caller.org_id, &id, spec).await?;
     Ok(Json(ExecResponse {
         exit_code: out.exit_code,
@@ -847,6 +931,117 @@ async fn exec_sandbox(
         duration_ms: out.duration_ms,
         timed_out: out.timed_out,
     }))
+}
+
+// ---- handlers: audit ------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventView {
+    pub id: i64,
+    pub org_id: Option<String>,
+    /// An API key id, `platform-admin` or `anonymous`.
+    pub actor: String,
+    /// `METHOD /route/{id}`.
+    pub action: String,
+    pub path: String,
+    pub target_id: Option<String>,
+    /// The HTTP status the request ended with.
+    pub status: i32,
+    pub source_addr: Option<String>,
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<store::audit_event::Model> for AuditEventView {
+    fn from(m: store::audit_event::Model) -> Self {
+        Self {
+            id: m.id,
+            org_id: m.org_id,
+            actor: m.actor,
+            action: m.action,
+            path: m.path,
+            target_id: m.target_id,
+            status: m.status,
+            source_addr: m.source_addr,
+            request_id: m.request_id,
+            created_at: m.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditList {
+    pub events: Vec<AuditEventView>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `after`, `limit` and (admin only) `org` from a query string.
+fn audit_filter(query: Option<String>, allow_org: bool) -> Result<store::AuditFilter, ApiError> {
+    let mut filter = store::AuditFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "after" => {
+                filter.after = Some(value.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request("after must be a cursor from next_cursor")
+                })?);
+            }
+            "limit" => {
+                let limit: u64 = value
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("limit must be a number"))?;
+                filter.limit = domain::validate_range("limit", limit, 1, 1000)?;
+            }
+            "org" if allow_org => filter.org_id = Some(value.into_owned()),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+async fn audit_page(state: &AppState, filter: store::AuditFilter) -> ApiResult<Json<AuditList>> {
+    let rows = state.control_plane.store().list_audit(&filter).await?;
+    let next_cursor = if rows.len() as u64 == filter.limit {
+        rows.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(AuditList {
+        events: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/audit",
+    params(("after" = Option<String>, Query, description = "cursor"), ("limit" = Option<u64>, Query)),
+    responses((status = 200, body = AuditList), (status = 403, body = ErrorBody)), tag = "org")]
+async fn org_audit(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<AuditList>> {
+    let mut filter = audit_filter(query, false)?;
+    filter.org_id = Some(caller.org_id);
+    audit_page(&state, filter).await
+}
+
+#[utoipa::path(get, path = "/v1/admin/audit",
+    params(("org" = Option<String>, Query, description = "one org's events; all when absent"),
+        ("after" = Option<String>, Query, description = "cursor"), ("limit" = Option<u64>, Query)),
+    responses((status = 200, body = AuditList)), tag = "admin")]
+async fn admin_audit(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<AuditList>> {
+    audit_page(&state, audit_filter(query, true)?).await
 }
 
 async fn no_route() -> ApiError {
@@ -860,7 +1055,7 @@ async fn no_route() -> ApiError {
         revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key,
         billing::get_billing, billing::get_ledger, billing::get_usage, billing::credit_org,
         billing::get_org_billing, billing::set_org_billing, billing::create_plan, billing::list_plans,
-        billing::audit,
+        billing::audit, org_audit, admin_audit,
         create_sandbox, list_sandboxes, get_sandbox, start_sandbox, stop_sandbox, destroy_sandbox, exec_sandbox),
     tags((name = "sandboxes"), (name = "org"), (name = "billing"), (name = "admin"))
 )]
@@ -904,6 +1099,49 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/start", post(start_sandbox))
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
+        .route("/v1/audit", get(org_audit))
+        .route("/v1/admin/audit", get(admin_audit))
         .fallback(no_route)
+        .layer(DefaultBodyLimit::max(state.limits.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::edge,
+        ))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    /// Every org route in the API reference has an entry in the role
+    /// table (a route missing from it would be refused to every key).
+    #[test]
+    fn every_org_route_has_a_permission() {
+        let doc = ApiDoc::openapi();
+        let mut checked = 0;
+        for (path, item) in &doc.paths.paths {
+            if !path.starts_with("/v1/") || path.starts_with("/v1/admin/") {
+                continue;
+            }
+            let methods = [
+                (Method::GET, item.get.is_some()),
+                (Method::POST, item.post.is_some()),
+                (Method::PUT, item.put.is_some()),
+                (Method::DELETE, item.delete.is_some()),
+                (Method::PATCH, item.patch.is_some()),
+            ];
+            for (method, present) in methods {
+                if present {
+                    assert!(
+                        crate::auth::permission_for(&method, path).is_some(),
+                        "{method} {path} has no permission"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 14, "only {checked} org routes found");
+    }
 }

@@ -79,6 +79,36 @@ pub struct ServerConfig {
     /// The running time each live sandbox holds credit for, in milliseconds.
     #[arg(long, env = "CORRAL_BILLING_HOLD_WINDOW_MS", default_value_t = 60_000)]
     pub billing_hold_window_ms: u64,
+    /// Sustained requests per second each API key (and the admin token)
+    /// may make.
+    #[arg(long, env = "CORRAL_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
+    pub rate_limit_per_second: u32,
+    /// Requests a key may make in a burst before the rate applies.
+    #[arg(long, env = "CORRAL_RATE_LIMIT_BURST", default_value_t = 1000)]
+    pub rate_limit_burst: u32,
+    /// The largest request body, in bytes.
+    #[arg(long, env = "CORRAL_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// The deadline of every REST request but exec, in milliseconds.
+    #[arg(long, env = "CORRAL_REQUEST_TIMEOUT_MS", default_value_t = 120_000)]
+    pub request_timeout_ms: u64,
+    /// How many execs may run in one sandbox at once.
+    #[arg(long, env = "CORRAL_MAX_EXECS_PER_SANDBOX", default_value_t = 32)]
+    pub max_execs_per_sandbox: usize,
+    /// PEM certificate (chain) to serve REST and gRPC over TLS.
+    #[arg(long, env = "CORRAL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "CORRAL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: agents must present a certificate it signed
+    /// (mutual TLS on the agent service). Needs `--tls-cert`.
+    #[arg(long, env = "CORRAL_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address anyway (tokens then cross
+    /// the network in the clear; LESSONS 11).
+    #[arg(long, env = "CORRAL_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
 }
 
 impl ServerConfig {
@@ -101,6 +131,57 @@ impl ServerConfig {
             billing_grace_ms: 900_000,
             billing_min_balance_micros: 0,
             billing_hold_window_ms: 60_000,
+            rate_limit_per_second: 200,
+            rate_limit_burst: 1000,
+            max_body_bytes: 1 << 20,
+            request_timeout_ms: 120_000,
+            max_execs_per_sandbox: 32,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            allow_plaintext: false,
+        }
+    }
+
+    /// The TLS material, if TLS is configured (read and checked now).
+    fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles::load(
+                cert,
+                key,
+                self.client_ca.as_ref(),
+            )?)),
+            (None, None) => {
+                anyhow::ensure!(
+                    self.client_ca.is_none(),
+                    "--client-ca needs --tls-cert and --tls-key"
+                );
+                let exposed: Vec<String> = [self.http_addr, self.grpc_addr]
+                    .iter()
+                    .filter(|a| !a.ip().is_loopback())
+                    .map(ToString::to_string)
+                    .collect();
+                if !exposed.is_empty() {
+                    anyhow::ensure!(
+                        self.allow_plaintext,
+                        "refusing to serve plaintext on {} (not loopback): give --tls-cert and --tls-key, or --allow-plaintext if something else encrypts the traffic",
+                        exposed.join(", ")
+                    );
+                    tracing::warn!(addresses = %exposed.join(", "), "serving PLAINTEXT on a non-loopback address (--allow-plaintext): API keys and host tokens cross the network in the clear");
+                }
+                Ok(None)
+            }
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+    }
+
+    fn limits(&self) -> crate::limits::LimitsConfig {
+        crate::limits::LimitsConfig {
+            rate_per_second: self.rate_limit_per_second,
+            burst: self.rate_limit_burst,
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_execs_per_sandbox: self.max_execs_per_sandbox,
         }
     }
 
@@ -162,6 +243,43 @@ impl ServerConfig {
                 "{flag} must be between {min} and {max}"
             );
         }
+        for (flag, value, min, max) in [
+            (
+                "--rate-limit-per-second",
+                u64::from(self.rate_limit_per_second),
+                1,
+                1_000_000,
+            ),
+            (
+                "--rate-limit-burst",
+                u64::from(self.rate_limit_burst),
+                1,
+                1_000_000,
+            ),
+            (
+                "--max-body-bytes",
+                self.max_body_bytes as u64,
+                1024,
+                64 << 20,
+            ),
+            (
+                "--request-timeout-ms",
+                self.request_timeout_ms,
+                10,
+                3_600_000,
+            ),
+            (
+                "--max-execs-per-sandbox",
+                self.max_execs_per_sandbox as u64,
+                1,
+                10_000,
+            ),
+        ] {
+            anyhow::ensure!(
+                (min..=max).contains(&value),
+                "{flag} must be between {min} and {max}"
+            );
+        }
         if let Some(token) = &self.admin_token {
             anyhow::ensure!(
                 token.len() >= 16,
@@ -176,6 +294,8 @@ impl ServerConfig {
 pub struct Server {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Whether both listeners speak TLS.
+    pub tls: bool,
     pub control_plane: ControlPlane,
     shutdown: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<()>,
@@ -185,6 +305,7 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        let tls = config.tls()?;
         if config.database_url.is_none() {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
                 format!("creating data directory {}", config.data_dir.display())
@@ -214,10 +335,13 @@ impl Server {
         .await
         .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;
 
+        let agent_streams = crate::grpc::LiveConnections::default();
         let state = AppState {
             control_plane: control_plane.clone(),
             admin_token_hash: config.admin_token.as_deref().map(hash_secret),
             api_keys: Default::default(),
+            limits: crate::limits::Limits::new(config.limits()),
+            agent_streams: agent_streams.clone(),
         };
         let (shutdown, _) = watch::channel(false);
 
@@ -231,23 +355,51 @@ impl Server {
         let grpc_addr = grpc_listener.local_addr()?;
 
         let mut http_stop = shutdown.subscribe();
-        let app = crate::rest::router(state);
-        let http_task = tokio::spawn(async move {
-            let served = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|stop| *stop).await;
+        let app = crate::rest::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let stopped = async move {
+            let _ = http_stop.wait_for(|stop| *stop).await;
+        };
+        let http_task = match &tls {
+            Some(tls) => {
+                use axum::serve::ListenerExt;
+                // tap_io only so axum's ConnectInfo<SocketAddr> applies.
+                let listener =
+                    crate::tls::TlsListener::new(http_listener, tls.rest_config()?)?.tap_io(|_| {});
+                tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await;
+                    if let Err(err) = served {
+                        tracing::error!(error = %err, "REST server failed");
+                    }
                 })
-                .await;
-            if let Err(err) = served {
-                tracing::error!(error = %err, "REST server failed");
             }
-        });
+            None => tokio::spawn(async move {
+                let served = axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "REST server failed");
+                }
+            }),
+        };
 
         let mut grpc_stop = shutdown.subscribe();
-        let gateway = AgentGateway::new(control_plane.clone()).into_service();
+        let gateway = AgentGateway::new(control_plane.clone(), agent_streams).into_service();
+        let grpc_tls = tls.as_ref().map(crate::tls::TlsFiles::grpc_config);
         let grpc_task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-            let served = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = grpc_tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(builder) => builder,
+                    Err(err) => {
+                        tracing::error!(error = %err, "agent service TLS failed");
+                        return;
+                    }
+                };
+            }
+            let served = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(gateway)
@@ -260,10 +412,11 @@ impl Server {
             }
         });
 
-        tracing::info!(%http_addr, %grpc_addr, "control plane listening");
+        tracing::info!(%http_addr, %grpc_addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()), "control plane listening");
         Ok(Self {
             http_addr,
             grpc_addr,
+            tls: tls.is_some(),
             control_plane,
             shutdown,
             http_task,
@@ -272,11 +425,13 @@ impl Server {
     }
 
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
     /// REST first (drains in-flight requests), then agent streams, then the

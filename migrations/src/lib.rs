@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_initial;
 mod m20261123_000002_billing;
+mod m20261123_000003_security;
 
 pub use m20261123_000002_billing::DEFAULT_PLAN_ID;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_initial::Migration),
             Box::new(m20261123_000002_billing::Migration),
+            Box::new(m20261123_000003_security::Migration),
         ]
     }
 }

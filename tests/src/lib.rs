@@ -281,6 +281,27 @@ impl InProcessAgent {
         memory_mb: u64,
         fake: FakeConfig,
     ) -> Self {
+        Self::start_tls(
+            host_id,
+            url,
+            token,
+            cpu_millis,
+            memory_mb,
+            fake,
+            corral_agent::AgentTls::default(),
+        )
+    }
+
+    /// Like [`Self::start`], with the agent's TLS settings.
+    pub fn start_tls(
+        host_id: &str,
+        url: &str,
+        token: &str,
+        cpu_millis: u32,
+        memory_mb: u64,
+        fake: FakeConfig,
+        tls: corral_agent::AgentTls,
+    ) -> Self {
         let config = AgentConfig {
             control_plane_url: url.to_string(),
             token: token.to_string(),
@@ -289,6 +310,7 @@ impl InProcessAgent {
             memory_mb,
             max_concurrent_commands: 64,
             poll_interval: Duration::from_millis(200),
+            tls,
         };
         let runtime = FakeRuntime::new(fake);
         let (shutdown, task) = Self::spawn(&config, &runtime);

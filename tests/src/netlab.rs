@@ -232,6 +232,9 @@ impl Fleet {
                 .arg(format!("127.0.0.1:{http_port}"))
                 .arg("--grpc-addr")
                 .arg(&grpc_addr)
+                // The bridge is a private namespace of this test: plaintext
+                // there is deliberate (and the server refuses it otherwise).
+                .arg("--allow-plaintext")
                 .arg("--data-dir")
                 .arg(dir.path().join("cp"))
                 .args(server_args)

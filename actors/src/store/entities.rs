@@ -44,6 +44,10 @@ pub mod api_key {
         pub created_at: DateTimeUtc,
         pub last_used_at: Option<DateTimeUtc>,
         pub revoked_at: Option<DateTimeUtc>,
+        /// admin, developer, viewer or billing.
+        pub role: String,
+        /// After this the key is refused like a revoked one.
+        pub expires_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -66,6 +70,8 @@ pub mod host_token {
         pub secret_hash: String,
         pub created_at: DateTimeUtc,
         pub revoked_at: Option<DateTimeUtc>,
+        /// After this the token is refused like a revoked one.
+        pub expires_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -201,6 +207,38 @@ pub mod billing_event {
         pub to_status: String,
         pub balance_micros: i64,
         pub reason: String,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit_event {
+    use sea_orm::entity::prelude::*;
+
+    /// One mutating REST request: who, what, on which target, and how it
+    /// ended. Append-only.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_events")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        /// The caller's org; `None` for platform-admin and unauthenticated
+        /// requests.
+        pub org_id: Option<String>,
+        /// An API key id, `platform-admin` or `anonymous`.
+        pub actor: String,
+        /// `METHOD /route/{id}` with ids replaced by placeholders.
+        pub action: String,
+        pub method: String,
+        pub path: String,
+        pub target_id: Option<String>,
+        pub status: i32,
+        pub source_addr: Option<String>,
+        pub request_id: String,
         pub created_at: DateTimeUtc,
     }
 

@@ -7,6 +7,9 @@
 //! is enough to make the table useless to a thief and keeps look-ups O(1).
 
 pub mod entities;
+mod security;
+
+pub use security::{AuditFilter, NewAuditEvent};
 
 use std::collections::BTreeMap;
 
@@ -23,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::domain::{new_id, BillingStatus, HostState, SandboxState};
 use crate::error::{CorralError, Result};
 pub use entities::{
-    api_key, billing_event, host, host_token, ledger_entry, org, price_plan, sandbox,
+    api_key, audit_event, billing_event, host, host_token, ledger_entry, org, price_plan, sandbox,
 };
 
 /// A handle on the database; cheap to clone.
@@ -177,7 +180,19 @@ impl Store {
 
     // ---- API keys ------------------------------------------------------
 
+    /// An `admin` key (the key an org is created with).
     pub async fn create_api_key(&self, org_id: &str, name: &str) -> Result<Issued<api_key::Model>> {
+        self.issue_api_key(org_id, name, "admin", None).await
+    }
+
+    /// A key with a role and an optional expiry.
+    pub async fn issue_api_key(
+        &self,
+        org_id: &str,
+        name: &str,
+        role: &str,
+        expires_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<Issued<api_key::Model>> {
         let secret = generate_secret("ck")?;
         let record = api_key::ActiveModel {
             id: Set(new_id("key")),
@@ -188,6 +203,8 @@ impl Store {
             created_at: Set(Utc::now()),
             last_used_at: Set(None),
             revoked_at: Set(None),
+            role: Set(role.to_string()),
+            expires_at: Set(expires_at),
         }
         .insert(&self.db)
         .await?;
@@ -217,13 +234,14 @@ impl Store {
         Ok(active.update(&self.db).await?)
     }
 
-    /// The live (unrevoked) key with this secret, if any.
+    /// The live (unrevoked, unexpired) key with this secret, if any.
     pub async fn authenticate_api_key(&self, secret: &str) -> Result<Option<api_key::Model>> {
         Ok(api_key::Entity::find()
             .filter(api_key::Column::SecretHash.eq(hash_secret(secret)))
             .filter(api_key::Column::RevokedAt.is_null())
             .one(&self.db)
-            .await?)
+            .await?
+            .filter(|key| key.expires_at.is_none_or(|at| at > Utc::now())))
     }
 
     // ---- host tokens ---------------------------------------------------
@@ -235,6 +253,16 @@ impl Store {
         name: &str,
         host_id: Option<String>,
     ) -> Result<Issued<host_token::Model>> {
+        self.issue_host_token(name, host_id, None).await
+    }
+
+    /// Like [`Store::create_host_token`], with an optional expiry.
+    pub async fn issue_host_token(
+        &self,
+        name: &str,
+        host_id: Option<String>,
+        expires_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<Issued<host_token::Model>> {
         let secret = generate_secret("ch")?;
         let record = host_token::ActiveModel {
             id: Set(new_id("htk")),
@@ -244,6 +272,7 @@ impl Store {
             secret_hash: Set(hash_secret(&secret)),
             created_at: Set(Utc::now()),
             revoked_at: Set(None),
+            expires_at: Set(expires_at),
         }
         .insert(&self.db)
         .await?;
@@ -275,7 +304,8 @@ impl Store {
             .filter(host_token::Column::SecretHash.eq(hash_secret(secret)))
             .filter(host_token::Column::RevokedAt.is_null())
             .one(&self.db)
-            .await?)
+            .await?
+            .filter(|token| token.expires_at.is_none_or(|at| at > Utc::now())))
     }
 
     // ---- hosts ---------------------------------------------------------
