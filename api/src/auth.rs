@@ -212,11 +212,19 @@ impl FromRequestParts<AppState> for OrgCaller {
         let key = match state.api_keys.get(&hash) {
             Some(key) if key.expires_at.is_none_or(|at| at > Utc::now()) => key,
             Some(_) => return Err(ApiError::unauthorized()),
+            // Stamped only when the key is read from the database: a cached
+            // key was stamped less than the cache's lifetime (10 s) ago,
+            // well inside the stamp's one-minute resolution, so the hot path
+            // writes nothing.
             None => {
                 let key = store
                     .authenticate_api_key(token)
                     .await?
                     .ok_or_else(ApiError::unauthorized)?;
+                if let Err(err) = store.touch_api_key(&key, Utc::now()).await {
+                    // Bookkeeping only: the request goes on.
+                    tracing::warn!(key.id = %key.id, error = %err, "could not stamp last_used_at");
+                }
                 state.api_keys.put(hash, key.clone());
                 key
             }
@@ -225,10 +233,6 @@ impl FromRequestParts<AppState> for OrgCaller {
             slot.set(key.id.clone(), Some(key.org_id.clone()));
         }
         state.limits.check_rate(&key.id)?;
-        if let Err(err) = store.touch_api_key(&key, Utc::now()).await {
-            // Bookkeeping only: the request goes on.
-            tracing::warn!(key.id = %key.id, error = %err, "could not stamp last_used_at");
-        }
         // A stored role we do not know grants nothing.
         let role = Role::parse(&key.role)
             .ok_or_else(|| forbidden(format!("this key's role {:?} is unknown", key.role)))?;
