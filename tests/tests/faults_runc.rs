@@ -107,17 +107,17 @@ async fn agent_restart_keeps_sandboxes(runtime: &'static str) {
     stack.assert_containers(&[(&id, "running")]).await;
 }
 
-#[tokio::test]
-async fn killing_the_agent_mid_create_ends_in_the_desired_state() {
-    if skip_without_runc("killing_the_agent_mid_create_ends_in_the_desired_state") {
-        return;
-    }
-    let mut stack = RuncStack::start().await;
-    // The create must still be in flight when the agent dies: kill it the
-    // moment the agent starts on the bundle. When the create wins the race
-    // all the same, try again with another sandbox (all must end running).
+/// Creates sandboxes (`wait=false`) and kills the agent the moment
+/// `began(stack, id)` exists on the host, until the kill lands while the
+/// create is still in flight (row still `creating`; three tries, since the
+/// create can win the race). Answers every sandbox made; the agent is left
+/// dead.
+async fn kill_the_agent_mid_create(
+    stack: &mut RuncStack,
+    began: fn(&RuncStack, &str) -> std::path::PathBuf,
+    with_its_runc: bool,
+) -> Vec<String> {
     let mut ids = Vec::new();
-    let mut killed_mid_create = false;
     for _ in 0..3 {
         let (status, sandbox) = stack
             .api
@@ -133,35 +133,53 @@ async fn killing_the_agent_mid_create_ends_in_the_desired_state() {
         );
         let id = id_of(&sandbox);
         ids.push(id.clone());
-        let bundle = stack.bundle_dir(&id);
+        let marker = began(stack, &id);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !bundle.exists() {
-            assert!(Instant::now() < deadline, "the agent never began {id}");
+        // Polled tightly: the window between the marker and the end of the
+        // create is a few milliseconds.
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the host never began {id}");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        stack.kill_agent().await;
+        if with_its_runc {
+            stack.kill_agent_and_its_runc().await;
+        } else {
+            stack.kill_agent().await;
+        }
         // The control plane never heard back: the create was cut short.
-        killed_mid_create = stack.sandbox(&id).await["state"] == "creating";
-        if killed_mid_create {
-            break;
+        if stack.sandbox(&id).await["state"] == "creating" {
+            return ids;
         }
         stack.start_agent().await;
     }
-    assert!(
-        killed_mid_create,
-        "the agent was never killed while a create was in flight"
-    );
+    panic!("the agent was never killed while a create was in flight");
+}
 
+/// After the agent comes back, every sandbox runs, once.
+async fn assert_all_running_after_restart(stack: &mut RuncStack, ids: &[String]) {
     stack.start_agent().await;
-    for id in &ids {
+    for id in ids {
         let sandbox = stack.wait_sandbox_state(id, "running", RECOVERY).await;
         assert_eq!(sandbox["desired_state"], "running", "{sandbox}");
-        assert_eq!(sandbox["failure_reason"], Value::Null, "{sandbox}");
-        assert_echo_works(&stack, id).await;
+        assert_echo_works(stack, id).await;
     }
     assert_eq!(stack.host().await["state"], "ready");
     let expected: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "running")).collect();
     stack.assert_containers(&expected).await;
+}
+
+#[tokio::test]
+async fn killing_the_agent_mid_create_ends_in_the_desired_state() {
+    if skip_without_runc("killing_the_agent_mid_create_ends_in_the_desired_state") {
+        return;
+    }
+    let mut stack = RuncStack::start().await;
+    // In flight from the moment the agent starts on the bundle.
+    let ids = kill_the_agent_mid_create(&mut stack, |s, id| s.bundle_dir(id), false).await;
+    assert_all_running_after_restart(&mut stack, &ids).await;
+    for id in &ids {
+        assert_eq!(stack.sandbox(id).await["failure_reason"], Value::Null);
+    }
 }
 
 #[tokio::test]
@@ -170,46 +188,10 @@ async fn killing_the_agent_and_its_runc_mid_create_ends_in_the_desired_state() {
         return;
     }
     let mut stack = RuncStack::start().await;
-    let mut ids = Vec::new();
-    let mut killed_mid_runc = false;
-    for _ in 0..3 {
-        let (status, sandbox) = stack
-            .api
-            .post(
-                "/v1/sandboxes?wait=false",
-                sandbox_body(json!(["sleep", "3600"])),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{sandbox}");
-        let id = id_of(&sandbox);
-        ids.push(id.clone());
-        // runc makes the container's state directory once `runc run` is
-        // under way: kill the agent and that runc together then.
-        let state_dir = stack.runc_root().join(&id);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !state_dir.exists() {
-            assert!(Instant::now() < deadline, "runc never began {id}");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        stack.kill_agent_and_its_runc().await;
-        killed_mid_runc = stack.sandbox(&id).await["state"] == "creating";
-        if killed_mid_runc {
-            break;
-        }
-        stack.start_agent().await;
-    }
-    assert!(killed_mid_runc, "runc run was never killed in flight");
-    eprintln!("containers after the kill: {:?}", stack.containers().await);
-
-    stack.start_agent().await;
-    for id in &ids {
-        let sandbox = stack.wait_sandbox_state(id, "running", RECOVERY).await;
-        assert_eq!(sandbox["desired_state"], "running", "{sandbox}");
-        assert_echo_works(&stack, id).await;
-    }
-    assert_eq!(stack.host().await["state"], "ready");
-    let expected: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "running")).collect();
-    stack.assert_containers(&expected).await;
+    // runc makes the container's state directory once `runc run` is under
+    // way: kill the agent and that runc together then.
+    let ids = kill_the_agent_mid_create(&mut stack, |s, id| s.runc_root().join(id), true).await;
+    assert_all_running_after_restart(&mut stack, &ids).await;
 }
 
 #[tokio::test]
