@@ -12,12 +12,15 @@
 //! busybox-static; without them each test says why and skips, except in CI
 //! (`CI` set), where it fails.
 
+mod common;
+use common::*;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
 use corral_agent::docker::{self, DockerConfig, DockerRuntime};
-use corral_agent::runtime::{ExecOutput, ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec};
+use corral_agent::runtime::{Phase, Runtime, RuntimeError, SandboxSpec};
 use corral_agent::{images, AgentConfig, WatchdogConfig};
 
 fn required() -> bool {
@@ -89,37 +92,6 @@ impl Drop for Namespace {
 
 fn unique_id(prefix: &str) -> String {
     format!("{prefix}_{:016x}", fastrand::u64(..))
-}
-
-fn exec_spec(argv: &[&str]) -> ExecSpec {
-    ExecSpec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(20),
-        ..Default::default()
-    }
-}
-
-async fn exec(rt: &DockerRuntime, id: &str, argv: &[&str]) -> ExecOutput {
-    rt.exec(id, exec_spec(argv)).await.expect("exec")
-}
-
-fn stdout(out: &ExecOutput) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

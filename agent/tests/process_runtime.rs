@@ -5,21 +5,16 @@
 //! directory) re-discovering a running sandbox, and the TTL deadline kept in
 //! meta.json for the watchdog's stop.
 
+mod common;
+use common::*;
+
 use std::time::{Duration, SystemTime};
 
 use corral_agent::process::ProcessRuntime;
-use corral_agent::runtime::{ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec};
+use corral_agent::runtime::{Phase, Runtime, RuntimeError, SandboxSpec};
 
 fn unique_id(prefix: &str) -> String {
     format!("{prefix}_{:016x}", fastrand::u64(..))
-}
-
-fn exec_spec(argv: &[&str]) -> ExecSpec {
-    ExecSpec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(20),
-        ..Default::default()
-    }
 }
 
 /// Kills the sandbox's processes whatever the test's outcome.
@@ -39,21 +34,6 @@ impl Drop for Cleanup<'_> {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

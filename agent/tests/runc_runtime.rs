@@ -8,12 +8,15 @@
 //! Needs root, runc on PATH and busybox-static; without them each test says
 //! why and skips (it does not silently pass).
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use corral_agent::runc::RuncRuntime;
-use corral_agent::runtime::{ExecOutput, ExecSpec, Phase, Runtime, RuntimeError, SandboxSpec};
+use corral_agent::runtime::{Phase, Runtime, RuntimeError, SandboxSpec};
 use corral_agent::{images, AgentConfig, WatchdogConfig};
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -70,38 +73,6 @@ async fn runc_lists(runc: &Path, root: &Path, id: &str) -> bool {
         .await
         .expect("runc list");
     String::from_utf8_lossy(&out.stdout).contains(id)
-}
-
-fn exec_spec(argv: &[&str]) -> ExecSpec {
-    ExecSpec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(20),
-        ..Default::default()
-    }
-}
-
-async fn exec(rt: &RuncRuntime, id: &str, argv: &[&str]) -> ExecOutput {
-    rt.exec(id, exec_spec(argv)).await.expect("exec")
-}
-
-fn stdout(out: &ExecOutput) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `check` every 50 ms until it holds or the deadline passes.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
