@@ -613,11 +613,17 @@ impl Drop for PgCluster {
 /// Why the runc tests cannot run on this machine, if they cannot: they need
 /// root, runc on PATH and a static busybox.
 pub fn runc_missing_prerequisite() -> Option<String> {
+    container_missing_prerequisite("runc", "runc is not installed")
+}
+
+/// What every container runtime test needs: root, the runtime's binary and
+/// a static busybox to build the image from.
+fn container_missing_prerequisite(binary: &str, missing: &str) -> Option<String> {
     if !running_as_root() {
         return Some("not running as root".into());
     }
-    if which("runc").is_none() {
-        return Some("runc is not installed".into());
+    if which(binary).is_none() {
+        return Some(missing.into());
     }
     if !std::path::Path::new("/bin/busybox").exists()
         && !std::path::Path::new("/usr/bin/busybox").exists()
@@ -630,29 +636,16 @@ pub fn runc_missing_prerequisite() -> Option<String> {
 /// Whether a runc test must skip: it says so (`SKIPPED:`) outside CI, and
 /// fails in CI, where the prerequisites are installed.
 pub fn skip_without_runc(test: &str) -> bool {
-    match runc_missing_prerequisite() {
-        None => false,
-        Some(reason) => {
-            assert!(!required(), "CI must run {test}: {reason}");
-            eprintln!("SKIPPED: {test}: {reason}");
-            true
-        }
-    }
+    skip_without_runtime(test, "runc")
 }
 
 /// Why the docker tests cannot run on this machine, if they cannot: they
 /// need root, a static busybox and a Docker engine that answers.
 pub fn docker_missing_prerequisite() -> Option<String> {
-    if !running_as_root() {
-        return Some("not running as root".into());
-    }
-    if which("docker").is_none() {
-        return Some("the docker CLI is not installed".into());
-    }
-    if !std::path::Path::new("/bin/busybox").exists()
-        && !std::path::Path::new("/usr/bin/busybox").exists()
+    if let Some(missing) =
+        container_missing_prerequisite("docker", "the docker CLI is not installed")
     {
-        return Some("busybox-static is not installed".into());
+        return Some(missing);
     }
     let answered = std::process::Command::new("docker")
         .args(["version", "--format", "{{.Server.APIVersion}}"])
