@@ -169,6 +169,16 @@ impl ControlPlane {
                     .is_some_and(|a| a.cast(crate::actors::host::HostMsg::InjectPanic).is_ok());
                 (name, sent)
             }
+            "scheduler" => {
+                let name = names::singleton(prefix, names::SCHEDULER);
+                let sent = self
+                    .inner
+                    .top
+                    .scheduler
+                    .cast(SchedulerMsg::InjectPanic)
+                    .is_ok();
+                (name, sent)
+            }
             "ledger" => {
                 let name = names::ledger(prefix, id);
                 let sent = where_is::<LedgerMsg>(&name)

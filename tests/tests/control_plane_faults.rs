@@ -634,3 +634,30 @@ async fn shutdown_drains_requests_in_flight() {
     assert_eq!(body["state"], "running");
     assert_eq!(agent.runtime.phase(&id), Some(Phase::Running));
 }
+
+#[tokio::test]
+async fn a_failed_top_level_actor_stops_the_tree_and_a_restart_rebuilds_it() {
+    // The scheduler's view is the whole fleet's capacity: restarting it
+    // alone could hand out room twice, so its failure stops the tree, the
+    // process exits, and a restart rebuilds everything from the database.
+    let cp = TestServer::start().await;
+    let mut agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("acme").await;
+    let id = id_of(&create_sandbox(&api, sandbox_body("survivor")).await);
+    let control = cp.server.control_plane.clone();
+    assert!(control.inject_panic("scheduler", ""));
+    tokio::time::timeout(DEADLINE, control.stopped())
+        .await
+        .expect("the actor tree stops");
+    assert!(!control.is_alive());
+    // The host's sandbox was never touched.
+    assert_eq!(agent.runtime.phase(&id), Some(Phase::Running));
+
+    let cp = cp.restart().await;
+    agent.revive();
+    cp.wait_host_ready(&agent.host_id).await;
+    assert_eq!(sandbox(&api, &id).await["state"], "running");
+    wait_allocated(&cp, &agent.host_id, 500).await;
+    assert_eq!(exec_echo(&api, &id).await["stdout"], "alive\n");
+    assert_eq!(agent.runtime.sandbox_ids(), vec![id]);
+}

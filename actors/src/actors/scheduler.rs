@@ -159,6 +159,9 @@ pub enum SchedulerMsg {
     HostDown { host_id: String },
     /// The capacity view of every host.
     Snapshot(RpcReplyPort<HashMap<String, HostCapacity>>),
+    /// Fault injection for the supervision tests: panic in the handler.
+    #[doc(hidden)]
+    InjectPanic,
 }
 
 #[derive(Default)]
@@ -260,6 +263,7 @@ impl Actor for Scheduler {
                     host.schedulable = false;
                 }
             }
+            SchedulerMsg::InjectPanic => panic!("injected fault in the scheduler"),
             SchedulerMsg::Snapshot(reply) => {
                 let _ = reply.send(state.hosts.clone());
             }
