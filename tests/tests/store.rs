@@ -13,7 +13,7 @@ use corral_actors::domain::{new_id, SandboxState};
 use corral_actors::store::{sandbox, NewLedgerEntry, SandboxFilter, Store};
 use corral_actors::CorralError;
 use corral_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::json;
 
 async fn sqlite_store() -> (Store, tempfile::TempDir) {
@@ -305,4 +305,23 @@ async fn sqlite_runs_in_wal_mode() {
         .expect("a row");
     let mode: String = row.try_get_by_index(0).expect("mode");
     assert_eq!(mode.to_lowercase(), "wal");
+
+    // `synchronous` is per connection: every pooled connection must have it,
+    // not only the first. Hold several transactions open at once so the pool
+    // has to hand out distinct connections.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let txn = store.connection().begin().await.expect("begin");
+        let row = txn
+            .query_one(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "PRAGMA synchronous",
+            ))
+            .await
+            .expect("pragma")
+            .expect("a row");
+        let level: i64 = row.try_get_by_index(0).expect("level");
+        assert_eq!(level, 1, "synchronous=NORMAL on every connection");
+        open.push(txn);
+    }
 }

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use chrono::Utc;
 use corral_migrations::{Migrator, MigratorTrait};
 use sea_orm::sea_query::{Alias, Expr, Func};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
     DbBackend, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -103,20 +104,22 @@ impl Store {
         if url.starts_with("sqlite:") {
             // One writer at a time is SQLite's nature; a small pool keeps
             // readers concurrent (WAL) without piling up busy writers.
-            options.max_connections(8).min_connections(1);
+            options
+                .max_connections(8)
+                .min_connections(1)
+                // Per-connection settings go on every pooled connection, not
+                // just the first: NORMAL is durable in WAL mode and saves an
+                // fsync per commit; sqlx already waits 5 s on a busy lock.
+                .map_sqlx_sqlite_opts(|sqlite| {
+                    sqlite
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(std::time::Duration::from_secs(5))
+                });
         } else {
             options.max_connections(32);
         }
         let db = Database::connect(options).await?;
-        if db.get_database_backend() == DbBackend::Sqlite {
-            for pragma in [
-                "PRAGMA journal_mode=WAL",
-                "PRAGMA synchronous=NORMAL",
-                "PRAGMA busy_timeout=5000",
-            ] {
-                db.execute_unprepared(pragma).await?;
-            }
-        }
         Migrator::up(&db, None).await?;
         Ok(Self { db })
     }
