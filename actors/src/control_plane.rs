@@ -11,6 +11,7 @@ use corral_proto::pb;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::actors::connection::ConnMsg;
 use crate::actors::fleet::FleetMsg;
@@ -231,10 +232,36 @@ impl ControlPlane {
     pub async fn create_sandbox(
         &self,
         org_id: &str,
-        mut spec: SandboxSpec,
+        spec: SandboxSpec,
         wait: bool,
     ) -> Result<sandbox::Model> {
         let sandbox_id = new_id("sbx");
+        let span = tracing::info_span!(
+            "sandbox.create",
+            org.id = %org_id,
+            sandbox.id = %sandbox_id,
+            host.id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
+        let result = self
+            .create_sandbox_in(org_id, sandbox_id, spec, wait, &span)
+            .instrument(span.clone())
+            .await;
+        if let Err(err) = &result {
+            corral_telemetry::mark_failed(&span, &err.to_string());
+        }
+        result
+    }
+
+    async fn create_sandbox_in(
+        &self,
+        org_id: &str,
+        sandbox_id: String,
+        mut spec: SandboxSpec,
+        wait: bool,
+        span: &tracing::Span,
+    ) -> Result<sandbox::Model> {
         let resources = spec.resources();
         // Credit and quota first, reserved in the org's ledger: concurrent
         // creates cannot overdraw it (LESSONS 24).
@@ -250,6 +277,7 @@ impl ControlPlane {
             QUICK,
         )
         .await??;
+        let placing = std::time::Instant::now();
         let placed = call(
             &self.inner.top.scheduler,
             |reply| SchedulerMsg::Place {
@@ -259,10 +287,18 @@ impl ControlPlane {
             },
             QUICK,
         )
+        .instrument(tracing::info_span!("scheduler.place", sandbox.id = %sandbox_id))
         .await
         .and_then(|placed| placed);
+        self.inner.metrics.timings.placement.observe(
+            &[if placed.is_ok() { "placed" } else { "refused" }],
+            placing.elapsed().as_secs_f64(),
+        );
         let host_id = match placed {
-            Ok(host_id) => host_id,
+            Ok(host_id) => {
+                span.record("host.id", host_id.as_str());
+                host_id
+            }
             Err(err) => {
                 let _ = ledger.cast(LedgerMsg::Release {
                     sandbox_id: sandbox_id.clone(),
@@ -357,6 +393,7 @@ impl ControlPlane {
                 insert: true,
                 waiter: Some(waiter),
                 reply: Some(reply),
+                span: tracing::Span::current(),
             },
             QUICK,
         )
@@ -419,6 +456,7 @@ impl ControlPlane {
                 insert: false,
                 waiter: None,
                 reply: Some(reply),
+                span: tracing::Span::none(),
             },
             QUICK,
         )
@@ -464,7 +502,11 @@ impl ControlPlane {
         if wait {
             self.wait_on(
                 &actor,
-                |reply| SandboxMsg::SetDesired { desired, reply },
+                |reply| SandboxMsg::SetDesired {
+                    desired,
+                    reply,
+                    span: tracing::Span::current(),
+                },
                 timeout,
             )
             .await
@@ -473,7 +515,11 @@ impl ControlPlane {
             // in flight), so a crash right after the answer loses nothing.
             self.wait_on(
                 &actor,
-                |reply| SandboxMsg::SetDesiredNoWait { desired, reply },
+                |reply| SandboxMsg::SetDesiredNoWait {
+                    desired,
+                    reply,
+                    span: tracing::Span::current(),
+                },
                 self.inner.timeouts.create.max(timeout),
             )
             .await
@@ -494,7 +540,16 @@ impl ControlPlane {
         let timeout = Duration::from_millis(u64::from(spec.timeout_ms))
             + self.inner.timeouts.exec_margin
             + Duration::from_secs(5);
-        call(&actor, |reply| SandboxMsg::Exec { spec, reply }, timeout).await?
+        call(
+            &actor,
+            |reply| SandboxMsg::Exec {
+                spec,
+                reply,
+                span: tracing::Span::current(),
+            },
+            timeout,
+        )
+        .await?
     }
 
     // ---- hosts ---------------------------------------------------------
@@ -614,9 +669,30 @@ impl ControlPlane {
 
     // ---- operators -----------------------------------------------------
 
+    /// Sandbox and billing transitions from now on (of every org).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<crate::events::Event> {
+        self.inner.metrics.events.subscribe()
+    }
+
     /// The live supervision tree.
     pub fn actor_tree(&self) -> ActorNode {
-        tree::snapshot(&self.inner.prefix, &self.inner.root.get_cell())
+        tree::snapshot(
+            &self.inner.prefix,
+            &self.inner.root.get_cell(),
+            &self.inner.metrics.registry,
+        )
+    }
+
+    /// The live supervision tree pruned to the actors `filter` asks for
+    /// (and their ancestors). Reads without messaging any actor; call it
+    /// off the async workers for large trees.
+    pub fn actor_tree_filtered(&self, filter: &tree::TreeFilter) -> ActorNode {
+        tree::filtered(
+            &self.inner.prefix,
+            &self.inner.root.get_cell(),
+            &self.inner.metrics.registry,
+            filter,
+        )
     }
 
     /// Resources the scheduler has reserved on a host, if known.

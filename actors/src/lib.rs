@@ -7,6 +7,7 @@ pub mod billing;
 pub mod control_plane;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod store;
 pub mod tree;

@@ -1,10 +1,18 @@
 //! Counters of what the control plane's reconcilers and supervisors did,
 //! shared by the actors that count and the `/metrics` endpoint that shows
-//! them. Plain atomics: counting never waits on anything.
+//! them, and the [`ActorRegistry`] the supervisors keep of their children
+//! (start time, org, restarts, last error) for the actor tree, and the
+//! event channel the actors publish their transitions on. Plain atomics
+//! and short locks: counting never waits on an actor.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
+
+use corral_telemetry::prom::{CounterVec, HistogramVec, LATENCY_BUCKETS};
+use dashmap::DashMap;
+use ractor::{ActorCell, ActorId};
 
 /// One monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -46,6 +54,125 @@ pub struct Counters {
     pub usage_charged_micros: Counter,
     /// Changes of an org's billing status.
     pub billing_transitions: Counter,
+    /// Latencies, labelled counts and gauges.
+    pub timings: Timings,
+    /// The actors the supervisors started, for the actor tree.
+    pub registry: ActorRegistry,
+    /// Sandbox and billing transitions, for live subscribers.
+    pub events: crate::events::EventBus,
+}
+
+/// Latencies and labelled counters (label sets are bounded: kinds, org ids
+/// the platform created).
+#[derive(Debug)]
+pub struct Timings {
+    /// From the create request to the sandbox running.
+    pub create_to_running: HistogramVec,
+    /// One placement decision of the scheduler.
+    pub placement: HistogramVec,
+    /// Actors restarted, by kind.
+    pub restarts_by_kind: CounterVec,
+    /// Usage charged, by org.
+    pub debits_by_org: CounterVec,
+    /// Commands sent to agents that wait for their reply.
+    pub pending_requests: AtomicI64,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            create_to_running: HistogramVec::new(
+                "corral_sandbox_create_to_running_seconds",
+                "From a sandbox's create request to it running.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            placement: HistogramVec::new(
+                "corral_placement_seconds",
+                "How long the scheduler took to place a sandbox.",
+                &["outcome"],
+                LATENCY_BUCKETS,
+            ),
+            restarts_by_kind: CounterVec::new(
+                "corral_actor_restarts_by_kind_total",
+                "Actors restarted by their supervisor after a failure, by kind.",
+                &["kind"],
+            ),
+            debits_by_org: CounterVec::new(
+                "corral_ledger_debits_micros_total",
+                "Micro-units charged for usage, by organisation.",
+                &["org"],
+            ),
+            pending_requests: AtomicI64::new(0),
+        }
+    }
+}
+
+/// What the supervisors know of the actors they started, by actor id: the
+/// tree dump reads it without messaging any actor. Restarts and the last
+/// error are remembered by registered name across incarnations.
+#[derive(Debug, Default)]
+pub struct ActorRegistry {
+    live: DashMap<ActorId, ActorEntry>,
+    history: DashMap<String, (u32, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActorEntry {
+    pub org: Option<String>,
+    pub started: Instant,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+impl ActorRegistry {
+    /// A supervisor started `cell` (for `org`, if it belongs to one).
+    pub fn started(&self, cell: &ActorCell, org: Option<&str>) {
+        let (restarts, last_error) = cell
+            .get_name()
+            .and_then(|name| self.history.remove(&name))
+            .map_or((0, None), |(_, (n, e))| (n, Some(e)));
+        self.live.insert(
+            cell.get_id(),
+            ActorEntry {
+                org: org.map(str::to_string),
+                started: Instant::now(),
+                restarts,
+                last_error,
+            },
+        );
+    }
+
+    /// `cell` failed; its supervisor may start a replacement under the
+    /// same name, which inherits the count.
+    pub fn failed(&self, cell: &ActorCell, error: &str) {
+        let previous = self.live.remove(&cell.get_id()).map(|(_, e)| e);
+        if let Some(name) = cell.get_name() {
+            let restarts = previous.map_or(0, |e| e.restarts) + 1;
+            let error: String = error.chars().take(512).collect();
+            self.history.insert(name, (restarts, error));
+        }
+    }
+
+    /// `cell` stopped for good.
+    pub fn gone(&self, cell: &ActorCell) {
+        self.live.remove(&cell.get_id());
+        if let Some(name) = cell.get_name() {
+            self.history.remove(&name);
+        }
+    }
+
+    pub fn get(&self, id: ActorId) -> Option<ActorEntry> {
+        self.live.get(&id).map(|e| e.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
 }
 
 /// A cheap handle on the control plane's counters.
@@ -60,6 +187,20 @@ impl std::ops::Deref for Metrics {
 }
 
 impl Metrics {
+    /// A supervisor saw `cell` fail: counts the restart (in total and by
+    /// kind) and remembers the error for the actor tree.
+    pub fn actor_failed(&self, kind: &str, cell: &ActorCell, error: &str) {
+        self.actor_restarts.inc();
+        self.timings.restarts_by_kind.inc(&[kind]);
+        if kind == "connection" {
+            // A new connection has a new name (its generation): nothing
+            // would pick the history up.
+            self.registry.gone(cell);
+        } else {
+            self.registry.failed(cell, error);
+        }
+    }
+
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let c = &self.0;
@@ -123,6 +264,18 @@ impl Metrics {
                 counter.get()
             );
         }
+        let t = &c.timings;
+        t.create_to_running.render(&mut out);
+        t.placement.render(&mut out);
+        t.restarts_by_kind.render(&mut out);
+        t.debits_by_org.render(&mut out);
+        corral_telemetry::prom::gauge(
+            &mut out,
+            "corral_pending_requests",
+            "Commands sent to agents whose reply is awaited.",
+            &[],
+            &[(vec![], t.pending_requests.load(Ordering::Relaxed) as f64)],
+        );
         out
     }
 }

@@ -232,6 +232,7 @@ async fn run_session(
     );
     backoff.reset();
     attached.registered().await;
+    let _connected = ConnectedGauge::up();
 
     let heartbeat_every = match ack.heartbeat_interval_ms {
         0 => DEFAULT_HEARTBEAT,
@@ -293,23 +294,73 @@ async fn run_session(
         if let Some(id) = &sandbox_id {
             lock(&table).begin_command(id);
         }
+        // The server side of the control plane's command: it continues the
+        // trace whose context came in the envelope (else it hangs under
+        // the session).
+        let name = command_name(&command);
+        let remote = trace
+            .as_ref()
+            .filter(|t| !t.traceparent.is_empty())
+            .map(|t| corral_telemetry::W3c {
+                traceparent: t.traceparent.clone(),
+                tracestate: t.tracestate.clone(),
+            });
+        let parent = if remote.is_some() { None } else { span.id() };
         let command_span = tracing::info_span!(
-            parent: &span,
+            parent: parent,
             "agent.command",
+            otel.name = %format!("corral.agent.v1.AgentService/{}", rpc_method(name)),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "corral.agent.v1.AgentService",
+            rpc.method = rpc_method(name),
             request_id,
-            command = command_name(&command),
+            command = name,
+            host.id = %ack.host_id,
             sandbox.id = sandbox_id.as_deref().unwrap_or(""),
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
         );
+        if let Some(remote) = &remote {
+            corral_telemetry::set_parent(&command_span, remote);
+        }
         let (tx, table, runtime) = (tx.clone(), table.clone(), runtime.clone());
+        let traced = command_span.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let (result, status) = execute(runtime.as_ref(), command).await;
+                let metrics = &*crate::metrics::METRICS;
+                metrics
+                    .in_flight
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let runtime_span = tracing::info_span!(
+                    "runtime.call",
+                    otel.name = %format!("runtime {name}"),
+                    runtime = runtime.kind(),
+                    operation = name,
+                    sandbox.id = sandbox_id.as_deref().unwrap_or(""),
+                );
+                let (result, status) = execute(runtime.as_ref(), command)
+                    .instrument(runtime_span)
+                    .await;
+                metrics
+                    .in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .command_seconds
+                    .observe(&[name], started.elapsed().as_secs_f64());
                 if let Some(id) = &sandbox_id {
                     lock(&table).finish_command(id, status.as_ref());
                 }
                 if let pb::reply::Result::Error(e) = &result {
+                    let code =
+                        pb::ErrorCode::try_from(e.code).map_or("unknown", |c| c.as_str_name());
+                    metrics.commands.inc(&[name, code]);
+                    corral_telemetry::mark_failed(&traced, &e.message);
                     tracing::info!(code = e.code, message = %e.message, "command failed");
+                } else {
+                    metrics.commands.inc(&[name, "ok"]);
                 }
                 // A closed queue means the stream ended: the reply is dropped
                 // with it and the control plane fails the request itself.
@@ -317,6 +368,28 @@ async fn run_session(
             }
             .instrument(command_span),
         );
+    }
+}
+
+/// `corral_agent_connected` is 1 while this guard lives.
+struct ConnectedGauge;
+
+impl ConnectedGauge {
+    fn up() -> Self {
+        let metrics = &*crate::metrics::METRICS;
+        metrics.sessions.inc(&[]);
+        metrics
+            .connected
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for ConnectedGauge {
+    fn drop(&mut self) {
+        crate::metrics::METRICS
+            .connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -360,6 +433,19 @@ fn command_sandbox_id(command: &ControlPayload) -> Option<String> {
         ControlPayload::Exec(_) | ControlPayload::Inventory(_) | ControlPayload::RegisterAck(_) => {
             None
         }
+    }
+}
+
+/// The command as an RPC method name, for span names.
+fn rpc_method(name: &str) -> &'static str {
+    match name {
+        "create" => "CreateSandbox",
+        "start" => "StartSandbox",
+        "stop" => "StopSandbox",
+        "destroy" => "DestroySandbox",
+        "exec" => "Exec",
+        "inventory" => "Inventory",
+        _ => "RegisterAck",
     }
 }
 

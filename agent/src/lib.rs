@@ -19,6 +19,7 @@ pub mod docker;
 mod exec_io;
 pub mod fake;
 pub mod images;
+pub mod metrics;
 pub mod process;
 pub mod runc;
 pub mod runtime;

@@ -19,6 +19,10 @@ use corral_agent::{images, AgentConfig, WatchdogConfig};
 #[derive(Debug, Parser)]
 #[command(name = "corral-agent", version, about = "The Corral host agent")]
 struct Cli {
+    /// Log lines as `text` or `json` (levels by RUST_LOG; traces exported
+    /// over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    #[arg(long, global = true, env = "CORRAL_LOG_FORMAT", default_value = "text")]
+    log_format: corral_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,6 +141,10 @@ struct RunArgs {
     /// Fake runtime: probability (0..1) that a command fails.
     #[arg(long, default_value_t = 0.0)]
     fake_fail_rate: f64,
+    /// Serve the agent's Prometheus metrics on this address (`GET
+    /// /metrics`); off when unset.
+    #[arg(long, env = "CORRAL_AGENT_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,14 +183,25 @@ enum ImageCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let format = cli.log_format;
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(*args))),
-        Command::Image(command) => image(command),
+            .and_then(|rt| {
+                rt.block_on(async {
+                    // Inside the runtime: the OTLP exporter's client needs it.
+                    let mut telemetry = corral_telemetry::init("corral-agent", format);
+                    let result = run(*args).await;
+                    tokio::task::block_in_place(|| telemetry.shutdown());
+                    result
+                })
+            }),
+        Command::Image(command) => {
+            let _telemetry = corral_telemetry::init_logs(format);
+            image(command)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -191,17 +210,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 fn image(command: ImageCommand) -> anyhow::Result<()> {
@@ -268,6 +276,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if !(0.0..=1.0).contains(&args.fake_fail_rate) {
         bail!("--fake-fail-rate must be between 0 and 1");
+    }
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(%addr, "serving metrics");
+        tokio::spawn(async move {
+            if let Err(err) = corral_agent::metrics::serve(listener).await {
+                tracing::error!(error = %err, "the metrics server failed");
+            }
+        });
     }
     let data_dir = args.data_dir.data_dir.clone();
     std::fs::create_dir_all(&data_dir)

@@ -109,7 +109,7 @@ pub fn permission_for(method: &Method, route: &str) -> Option<Permission> {
     use Permission as P;
     let read = method == Method::GET || method == Method::HEAD;
     Some(match route {
-        "/v1/sandboxes" | "/v1/sandboxes/{id}" if read => P::SandboxRead,
+        "/v1/sandboxes" | "/v1/sandboxes/{id}" | "/v1/events" if read => P::SandboxRead,
         "/v1/sandboxes"
         | "/v1/sandboxes/{id}"
         | "/v1/sandboxes/{id}/start"

@@ -169,9 +169,21 @@ pub enum AdminCommand {
         /// Print the tree as JSON.
         #[arg(long)]
         json: bool,
-        /// Redraw every 2 seconds until Ctrl-C.
+        /// Redraw every SECONDS (default 2) until Ctrl-C.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        watch: Option<u64>,
+        /// Only actors of this kind (host, connection, sandbox, ledger,
+        /// scheduler, orgs, fleet, root), with their ancestors.
         #[arg(long)]
-        watch: bool,
+        kind: Option<String>,
+        /// Only the actors of this org (its sandboxes and ledger).
+        #[arg(long)]
+        org: Option<String>,
+        /// Only the actors of this host (the host, its connection and
+        /// sandboxes).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Create an organisation and its first API key.
     CreateOrg {
@@ -667,9 +679,43 @@ fn node_label(node: &Value) -> String {
         .get("status")
         .and_then(Value::as_str)
         .map_or_else(|| "?".to_string(), clean);
-    match node.get("id").and_then(Value::as_str) {
+    let mut label = match node.get("id").and_then(Value::as_str) {
         Some(id) => format!("{kind} {} ({status})", clean(id)),
         None => format!("{kind} ({status})"),
+    };
+    if let Some(org) = node.get("org_id").and_then(Value::as_str) {
+        label.push_str(&format!(" org {}", clean(org)));
+    }
+    if let Some(up) = node.get("uptime_seconds").and_then(Value::as_f64) {
+        label.push_str(&format!(" up {}", human_duration(up)));
+    }
+    match node.get("restarts").and_then(Value::as_u64) {
+        Some(n) if n > 0 => label.push_str(&format!(" restarts {n}")),
+        _ => {}
+    }
+    if let Some(error) = node.get("last_error").and_then(Value::as_str) {
+        let short: String = error.chars().take(80).collect();
+        label.push_str(&format!(" last error: {}", clean(&short)));
+    }
+    label
+}
+
+/// `3d4h`, `2h5m`, `4m12s`, `9s`.
+fn human_duration(seconds: f64) -> String {
+    let s = if seconds.is_finite() && seconds > 0.0 {
+        seconds as u64
+    } else {
+        0
+    };
+    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m{sec}s")
+    } else {
+        format!("{sec}s")
     }
 }
 
@@ -977,10 +1023,22 @@ async fn exec(
 pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<ExitCode> {
     let api = Api::new(conn, Auth::Admin)?;
     match cmd {
-        AdminCommand::Actors { json, watch } => {
-            let url = api.url(&["v1", "admin", "actors"], &[]);
-            if watch {
-                watch_actors(&api, url, json).await
+        AdminCommand::Actors {
+            json,
+            watch,
+            kind,
+            org,
+            host,
+        } => {
+            let mut query: Vec<(&str, &str)> = Vec::new();
+            for (name, value) in [("kind", &kind), ("org_id", &org), ("host_id", &host)] {
+                if let Some(value) = value {
+                    query.push((name, value));
+                }
+            }
+            let url = api.url(&["v1", "admin", "actors"], &query);
+            if let Some(every) = watch {
+                watch_actors(&api, url, json, Duration::from_secs(every)).await
             } else {
                 let tree = api.get(url).await?;
                 print!("{}", show_tree(&tree, json));
@@ -1262,7 +1320,12 @@ fn show_tree(tree: &Value, json: bool) -> String {
     }
 }
 
-async fn watch_actors(api: &Api, url: Url, json: bool) -> anyhow::Result<ExitCode> {
+async fn watch_actors(
+    api: &Api,
+    url: Url,
+    json: bool,
+    every: Duration,
+) -> anyhow::Result<ExitCode> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -1275,12 +1338,15 @@ async fn watch_actors(api: &Api, url: Url, json: bool) -> anyhow::Result<ExitCod
         };
         let now = chrono::Local::now().format("%H:%M:%S");
         print!("\x1b[2J\x1b[H");
-        println!("Every 2s: {url}  {now}  (Ctrl-C to quit)\n");
+        println!(
+            "Every {}s: {url}  {now}  (Ctrl-C to quit)\n",
+            every.as_secs()
+        );
         print!("{shown}");
         let _ = std::io::stdout().flush();
         tokio::select! {
             _ = &mut ctrl_c => break,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
     println!();
@@ -1337,6 +1403,17 @@ root (running)
 └── scheduler (running)
 ";
         assert_eq!(render_tree(&tree), expected);
+    }
+
+    #[test]
+    fn tree_labels_show_what_the_registry_knows() {
+        let tree = json!({"kind": "sandbox", "id": "sbx_1", "status": "running",
+            "org_id": "org_1", "uptime_seconds": 125.4, "restarts": 2,
+            "last_error": "boom"});
+        assert_eq!(
+            render_tree(&tree),
+            "sandbox sbx_1 (running) org org_1 up 2m5s restarts 2 last error: boom\n"
+        );
     }
 
     #[test]

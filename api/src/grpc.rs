@@ -40,6 +40,11 @@ impl LiveConnections {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// How many streams are open.
+    pub fn count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
     fn add(&self, token_id: &str, connection: ActorRef<ConnMsg>) {
         self.lock()
             .entry(token_id.to_string())

@@ -7,8 +7,10 @@ pub mod billing;
 pub mod client;
 pub mod dev;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod limits;
+pub mod observe;
 pub mod rest;
 pub mod server;
 pub mod tls;
@@ -29,4 +31,6 @@ pub struct AppState {
     pub limits: Arc<limits::Limits>,
     /// Live agent streams by host token, to end them on revocation.
     pub agent_streams: grpc::LiveConnections,
+    /// REST latencies for `/metrics`.
+    pub http_metrics: Arc<observe::HttpMetrics>,
 }

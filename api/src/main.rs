@@ -33,31 +33,22 @@ enum Command {
     Billing(client::BillingCommand),
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(config) => {
-            init_logging();
-            run_server(config).await.map(|()| ExitCode::SUCCESS)
+            let mut telemetry = corral_telemetry::init("corral-control-plane", config.log_format);
+            let result = run_server(config).await.map(|()| ExitCode::SUCCESS);
+            tokio::task::block_in_place(|| telemetry.shutdown());
+            result
         }
         Command::Dev(config) => {
-            init_logging();
-            dev::run(config).await.map(|()| ExitCode::SUCCESS)
+            let mut telemetry =
+                corral_telemetry::init("corral-control-plane", config.server.log_format);
+            let result = dev::run(config).await.map(|()| ExitCode::SUCCESS);
+            tokio::task::block_in_place(|| telemetry.shutdown());
+            result
         }
         Command::Sandbox(cmd) => client::run_sandbox(&cli.connection, cmd).await,
         Command::Admin(cmd) => client::run_admin(&cli.connection, cmd).await,

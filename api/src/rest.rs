@@ -511,18 +511,6 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     }))
 }
 
-/// Counters of the reconcilers and supervisors, in the Prometheus text
-/// format (no secrets, no ids: safe to scrape without a token).
-async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.control_plane.metrics().render(),
-    )
-}
-
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -684,13 +672,76 @@ async fn list_hosts(_: AdminCaller, State(state): State<AppState>) -> ApiResult<
     }))
 }
 
+const ACTOR_KINDS: &[&str] = &[
+    "root",
+    "scheduler",
+    "orgs",
+    "fleet",
+    "host",
+    "connection",
+    "sandbox",
+    "ledger",
+];
+
+fn actor_tree_filter(query: Option<String>) -> ApiResult<corral_actors::tree::TreeFilter> {
+    let mut filter = corral_actors::tree::TreeFilter::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let value = value.into_owned();
+        if value.is_empty() || value.len() > 128 {
+            return Err(ApiError::bad_request(format!(
+                "{key} must be 1 to 128 characters"
+            )));
+        }
+        match key.as_ref() {
+            "kind" => {
+                if !ACTOR_KINDS.contains(&value.as_str()) {
+                    return Err(ApiError::bad_request(format!(
+                        "kind must be one of {}",
+                        ACTOR_KINDS.join(", ")
+                    )));
+                }
+                filter.kind = Some(value);
+            }
+            "org_id" | "org" => filter.org_id = Some(value),
+            "host_id" | "host" => filter.host_id = Some(value),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+/// The live supervision tree, read off the async workers: a tree of
+/// 100,000 actors never holds up a request.
 #[utoipa::path(get, path = "/v1/admin/actors",
-    responses((status = 200, description = "The live supervision tree: {kind, id?, status, children?}")), tag = "admin")]
+    params(
+        ("kind" = Option<String>, Query, description = "Only actors of this kind (root, scheduler, orgs, fleet, host, connection, sandbox, ledger), with their ancestors"),
+        ("org_id" = Option<String>, Query, description = "Only actors of this org (sandboxes, ledgers), with their ancestors"),
+        ("host_id" = Option<String>, Query, description = "Only actors of this host (the host, its connection and sandboxes), with their ancestors"),
+    ),
+    responses(
+        (status = 200, description = "The live supervision tree: {kind, id?, status, org_id?, host_id?, uptime_seconds?, restarts, last_error?, children?}"),
+        (status = 400, body = ErrorBody)), tag = "admin")]
 async fn actor_tree(
     _: AdminCaller,
     State(state): State<AppState>,
-) -> Json<corral_actors::tree::ActorNode> {
-    Json(state.control_plane.actor_tree())
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<corral_actors::tree::ActorNode>> {
+    let filter = actor_tree_filter(query)?;
+    let cp = state.control_plane.clone();
+    let tree = tokio::task::spawn_blocking(move || cp.actor_tree_filtered(&filter))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        })?;
+    Ok(Json(tree))
 }
 
 // ---- handlers: org --------------------------------------------------------
@@ -1055,7 +1106,7 @@ async fn no_route() -> ApiError {
         revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key,
         billing::get_billing, billing::get_ledger, billing::get_usage, billing::credit_org,
         billing::get_org_billing, billing::set_org_billing, billing::create_plan, billing::list_plans,
-        billing::audit, org_audit, admin_audit,
+        billing::audit, org_audit, admin_audit, crate::events::events,
         create_sandbox, list_sandboxes, get_sandbox, start_sandbox, stop_sandbox, destroy_sandbox, exec_sandbox),
     tags((name = "sandboxes"), (name = "org"), (name = "billing"), (name = "admin"))
 )]
@@ -1067,7 +1118,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(crate::observe::metrics))
         .route("/v1/admin/orgs", post(create_org).get(list_orgs))
         .route("/v1/admin/orgs/{id}/credits", post(billing::credit_org))
         .route(
@@ -1100,12 +1151,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .route("/v1/audit", get(org_audit))
+        .route("/v1/events", get(crate::events::events))
         .route("/v1/admin/audit", get(admin_audit))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(state.limits.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::audit::edge,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::observe::http,
         ))
         .with_state(state)
 }

@@ -109,6 +109,10 @@ pub struct ServerConfig {
     /// the network in the clear; LESSONS 11).
     #[arg(long, env = "CORRAL_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// Log lines as `text` or `json` (levels by RUST_LOG; traces exported
+    /// over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    #[arg(long, env = "CORRAL_LOG_FORMAT", default_value = "text")]
+    pub log_format: corral_telemetry::LogFormat,
 }
 
 impl ServerConfig {
@@ -140,6 +144,7 @@ impl ServerConfig {
             tls_key: None,
             client_ca: None,
             allow_plaintext: false,
+            log_format: corral_telemetry::LogFormat::Text,
         }
     }
 
@@ -342,6 +347,7 @@ impl Server {
             api_keys: Default::default(),
             limits: crate::limits::Limits::new(config.limits()),
             agent_streams: agent_streams.clone(),
+            http_metrics: Default::default(),
         };
         let (shutdown, _) = watch::channel(false);
 

@@ -31,6 +31,8 @@ pub enum ConnMsg {
         payload: pb::control_message::Payload,
         timeout: Duration,
         reply: RpcReplyPort<HostReply>,
+        /// W3C context to send in the envelope.
+        trace: Option<pb::TraceContext>,
     },
     /// A message the agent sent on the stream.
     Inbound(pb::AgentMessage),
@@ -53,6 +55,7 @@ pub struct ConnectionArgs {
     pub outbound: mpsc::Sender<pb::ControlMessage>,
     pub host: ActorRef<HostMsg>,
     pub heartbeat_interval: Duration,
+    pub metrics: crate::metrics::Metrics,
 }
 
 struct Pending {
@@ -72,9 +75,26 @@ pub struct ConnectionState {
     last_heard: Instant,
     /// When the earliest sweep already scheduled will run.
     next_sweep: Option<Instant>,
+    metrics: crate::metrics::Metrics,
+    /// The pending requests counted in the `pending_requests` gauge.
+    counted_pending: i64,
 }
 
 impl ConnectionState {
+    /// Brings the process-wide gauge of pending requests up to date with
+    /// this connection's table.
+    fn count_pending(&mut self) {
+        let now = i64::try_from(self.pending.len()).unwrap_or(i64::MAX);
+        let delta = now - self.counted_pending;
+        if delta != 0 {
+            self.metrics
+                .timings
+                .pending_requests
+                .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+            self.counted_pending = now;
+        }
+    }
+
     /// The next moment something can be due: the earliest request deadline
     /// or the end of heartbeat liveness.
     fn next_due(&self) -> Instant {
@@ -131,6 +151,8 @@ impl Actor for ConnectionActor {
             pending: HashMap::new(),
             last_heard: Instant::now(),
             next_sweep: None,
+            metrics: args.metrics,
+            counted_pending: 0,
         };
         let due = state.next_due();
         state.sweep_by(&myself, due);
@@ -148,12 +170,13 @@ impl Actor for ConnectionActor {
                 payload,
                 timeout,
                 reply,
+                trace,
             } => {
                 let request_id = state.next_request_id;
                 state.next_request_id += 1;
                 let envelope = pb::ControlMessage {
                     request_id,
-                    trace: None,
+                    trace,
                     payload: Some(payload),
                 };
                 match state.outbound.try_send(envelope) {
@@ -213,6 +236,7 @@ impl Actor for ConnectionActor {
                 }
             }
         }
+        state.count_pending();
         Ok(())
     }
 
@@ -224,6 +248,7 @@ impl Actor for ConnectionActor {
         for (_, pending) in state.pending.drain() {
             let _ = pending.reply.send(Err(CorralError::HostDisconnected));
         }
+        state.count_pending();
         let _ = state.host.cast(HostMsg::Disconnected {
             generation: state.generation,
         });

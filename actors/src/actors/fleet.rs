@@ -100,6 +100,7 @@ impl Actor for FleetSupervisor {
                 insert: false,
                 waiter: None,
                 reply: None,
+                span: tracing::Span::none(),
             })?;
         }
         Ok(state)
@@ -151,6 +152,7 @@ impl Actor for FleetSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.args.metrics.registry.gone(&cell);
                 if let Some(host_id) = state.by_actor.remove(&cell.get_id()) {
                     state.hosts.remove(&host_id);
                 }
@@ -158,7 +160,10 @@ impl Actor for FleetSupervisor {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(host_id) = state.by_actor.remove(&cell.get_id()) {
                     state.hosts.remove(&host_id);
-                    state.args.metrics.actor_restarts.inc();
+                    state
+                        .args
+                        .metrics
+                        .actor_failed("host", &cell, &error.to_string());
                     if !state
                         .restarts
                         .allow_restart(&host_id, std::time::Instant::now())
@@ -181,6 +186,7 @@ impl Actor for FleetSupervisor {
                                         insert: false,
                                         waiter: None,
                                         reply: None,
+                                        span: tracing::Span::none(),
                                     });
                                 }
                             }
@@ -224,6 +230,7 @@ impl FleetSupervisor {
             myself.get_cell(),
         )
         .await?;
+        state.args.metrics.registry.started(&host.get_cell(), None);
         state.by_actor.insert(host.get_id(), host_id.to_string());
         state.hosts.insert(host_id.to_string(), host.clone());
         Ok(host)

@@ -52,6 +52,8 @@ pub enum HostMsg {
         payload: pb::control_message::Payload,
         timeout: Duration,
         reply: RpcReplyPort<HostReply>,
+        /// W3C context of the caller's span, sent in the envelope.
+        trace: Option<pb::TraceContext>,
     },
     /// Start the actor of a sandbox placed on this host.
     SpawnSandbox {
@@ -59,6 +61,8 @@ pub enum HostMsg {
         insert: bool,
         /// Answered with the outcome of the sandbox's first convergence.
         waiter: Option<RpcReplyPort<SandboxReply>>,
+        /// The creator's span (`Span::none()` for a restore).
+        span: tracing::Span,
         reply: Option<RpcReplyPort<Result<ActorRef<SandboxMsg>, CorralError>>>,
     },
     Heartbeat(pb::Heartbeat),
@@ -167,15 +171,17 @@ impl Actor for HostActor {
                 payload,
                 timeout,
                 reply,
-            } => dispatch(state, payload, timeout, reply),
+                trace,
+            } => dispatch(state, payload, timeout, reply, trace),
             HostMsg::SpawnSandbox {
                 row,
                 insert,
                 waiter,
                 reply,
+                span,
             } => {
                 let result = self
-                    .spawn_sandbox(&myself, state, row, insert, waiter)
+                    .spawn_sandbox(&myself, state, row, insert, waiter, span)
                     .await;
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
@@ -231,6 +237,7 @@ impl Actor for HostActor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.args.metrics.registry.gone(&cell);
                 if let Some(id) = state.by_actor.remove(&cell.get_id()) {
                     state.sandboxes.remove(&id);
                     state.restarts.forget(&id);
@@ -239,7 +246,10 @@ impl Actor for HostActor {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(id) = state.by_actor.remove(&cell.get_id()) {
                     state.sandboxes.remove(&id);
-                    state.args.metrics.actor_restarts.inc();
+                    state
+                        .args
+                        .metrics
+                        .actor_failed("sandbox", &cell, &error.to_string());
                     self.restart_sandbox(&myself, state, &id, &error.to_string())
                         .await;
                 } else if let Some((generation, conn)) = &state.connection {
@@ -247,7 +257,10 @@ impl Actor for HostActor {
                         // Its pending requests failed with it (their reply
                         // ports dropped); the agent redials.
                         tracing::error!(host.id = %state.args.host_id, %error, "connection actor failed");
-                        state.args.metrics.actor_restarts.inc();
+                        state
+                            .args
+                            .metrics
+                            .actor_failed("connection", &cell, &error.to_string());
                         let generation = *generation;
                         self.disconnected(&myself, state, generation).await;
                     }
@@ -265,6 +278,7 @@ fn dispatch(
     payload: pb::control_message::Payload,
     timeout: Duration,
     reply: RpcReplyPort<HostReply>,
+    trace: Option<pb::TraceContext>,
 ) {
     match &state.connection {
         Some((_, conn)) => {
@@ -273,6 +287,7 @@ fn dispatch(
                     payload,
                     timeout,
                     reply,
+                    trace,
                 })
             {
                 let _ = reply.send(Err(CorralError::HostDisconnected));
@@ -340,11 +355,13 @@ impl HostActor {
                 outbound,
                 host: myself.clone(),
                 heartbeat_interval: state.args.timeouts.heartbeat_interval,
+                metrics: state.args.metrics.clone(),
             },
             myself.get_cell(),
         )
         .await
         .map_err(|e| CorralError::Internal(format!("spawn connection: {e}")))?;
+        state.args.metrics.registry.started(&conn.get_cell(), None);
         state.connection = Some((state.generation, conn.clone()));
         let _ = state.args.scheduler.cast(SchedulerMsg::HostUp {
             host_id: host_id.clone(),
@@ -377,6 +394,7 @@ impl HostActor {
             pb::control_message::Payload::Inventory(pb::InventoryRequest {}),
             state.args.timeouts.destroy,
             tx.into(),
+            None,
         );
         let myself = myself.clone();
         let host_id = state.args.host_id.clone();
@@ -447,7 +465,9 @@ impl HostActor {
             match classify_unaccounted(row.as_ref(), &host_id) {
                 Unaccounted::Adopt => {
                     if let Some(row) = row {
-                        if let Err(err) = self.spawn_sandbox(myself, state, row, false, None).await
+                        if let Err(err) = self
+                            .spawn_sandbox(myself, state, row, false, None, tracing::Span::none())
+                            .await
                         {
                             tracing::error!(host.id = %host_id, sandbox.id = %id, error = %err, "could not start the actor of a known sandbox");
                         }
@@ -487,6 +507,7 @@ impl HostActor {
                 }),
                 state.args.timeouts.destroy,
                 tx.into(),
+                None,
             );
             let myself = myself.clone();
             tokio::spawn(async move {
@@ -575,7 +596,10 @@ impl HostActor {
             .allow_restart(&id.to_string(), Instant::now())
         {
             tracing::error!(sandbox.id = %id, %error, "sandbox actor failed; restarting it from its row");
-            if let Err(err) = self.spawn_sandbox(myself, state, row, false, None).await {
+            if let Err(err) = self
+                .spawn_sandbox(myself, state, row, false, None, tracing::Span::none())
+                .await
+            {
                 tracing::error!(sandbox.id = %id, error = %err, "could not restart sandbox actor");
             }
             return;
@@ -604,8 +628,10 @@ impl HostActor {
         row: sandbox::Model,
         insert: bool,
         waiter: Option<RpcReplyPort<SandboxReply>>,
+        span: tracing::Span,
     ) -> Result<ActorRef<SandboxMsg>, CorralError> {
         let id = row.id.clone();
+        let org_id = row.org_id.clone();
         if let Some(existing) = state.sandboxes.get(&id) {
             return Ok(existing.clone());
         }
@@ -624,6 +650,7 @@ impl HostActor {
                 timeouts: state.args.timeouts.clone(),
                 metrics: state.args.metrics.clone(),
                 waiter,
+                span,
             },
             myself.get_cell(),
         )
@@ -635,6 +662,11 @@ impl HostActor {
             }
             other => CorralError::Internal(format!("spawn sandbox actor: {other}")),
         })?;
+        state
+            .args
+            .metrics
+            .registry
+            .started(&actor.get_cell(), Some(&org_id));
         state.by_actor.insert(actor.get_id(), id.clone());
         state.sandboxes.insert(id, actor.clone());
         Ok(actor)

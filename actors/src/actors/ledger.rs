@@ -701,6 +701,12 @@ async fn persist_charges(
         if inserted {
             state.balance_micros = state.balance_micros.saturating_sub(charge.micros);
             state.ctx.metrics.usage_charged_micros.add(charge.micros);
+            state
+                .ctx
+                .metrics
+                .timings
+                .debits_by_org
+                .add(&[&state.org.id], charge.micros as f64);
         }
         if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
             meter.apply(charge, true);
@@ -759,6 +765,14 @@ async fn evaluate(state: &mut LedgerState, reason: &str) {
                 tracing::warn!(org.id = %state.org.id, error = %err, "could not record the billing event");
             }
             state.ctx.metrics.billing_transitions.inc();
+            state.ctx.metrics.events.publish(
+                &state.org.id,
+                crate::events::EventKind::Billing {
+                    from: current.as_str().to_string(),
+                    to: next.as_str().to_string(),
+                    balance_micros: state.balance_micros,
+                },
+            );
             state.ctx.hook.status_changed(&transition);
         }
     }
@@ -783,6 +797,7 @@ fn suspend_running(state: &LedgerState) {
             let _ = actor.cast(SandboxMsg::SetDesired {
                 desired: DesiredState::Stopped,
                 reply: reply.into(),
+                span: tracing::Span::none(),
             });
         }
     }
@@ -914,6 +929,7 @@ impl Actor for OrgsSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, ..) => {
+                state.args.context.metrics.registry.gone(&cell);
                 if let Some(org_id) = state.by_actor.remove(&cell.get_id()) {
                     state.ledgers.remove(&org_id);
                 }
@@ -921,7 +937,11 @@ impl Actor for OrgsSupervisor {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(org_id) = state.by_actor.remove(&cell.get_id()) {
                     state.ledgers.remove(&org_id);
-                    state.args.context.metrics.actor_restarts.inc();
+                    state
+                        .args
+                        .context
+                        .metrics
+                        .actor_failed("ledger", &cell, &error.to_string());
                     if !state.restarts.allow_restart(&org_id, Instant::now()) {
                         return Err(format!("ledger {org_id} keeps failing (last: {error})").into());
                     }
@@ -959,6 +979,12 @@ async fn ledger(
     )
     .await
     .map_err(|err| CorralError::Database(err.to_string()))?;
+    state
+        .args
+        .context
+        .metrics
+        .registry
+        .started(&ledger.get_cell(), Some(org_id));
     state.by_actor.insert(ledger.get_id(), org_id.to_string());
     state.ledgers.insert(org_id.to_string(), ledger.clone());
     Ok(ledger)

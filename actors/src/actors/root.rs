@@ -74,11 +74,14 @@ impl Actor for RootSupervisor {
                 orgs: orgs.clone(),
                 timeouts: args.timeouts,
                 prefix: args.prefix,
-                metrics: args.metrics,
+                metrics: args.metrics.clone(),
             },
             myself.get_cell(),
         )
         .await?;
+        for cell in [scheduler.get_cell(), orgs.get_cell(), fleet.get_cell()] {
+            args.metrics.registry.started(&cell, None);
+        }
         Ok(TopLevel {
             scheduler,
             orgs,

@@ -41,19 +41,24 @@ pub enum SandboxMsg {
     /// Drive the sandbox toward its desired state; answer with the row.
     Converge(Option<RpcReplyPort<SandboxReply>>),
     /// Change the desired state, then converge.
+    /// `span` is the requester's: the work done for it joins its trace
+    /// (`Span::none()` when there is none).
     SetDesired {
         desired: DesiredState,
         reply: RpcReplyPort<SandboxReply>,
+        span: tracing::Span,
     },
     /// Change the desired state and answer once it is persisted, then
     /// converge: a request answered without waiting is still durable.
     SetDesiredNoWait {
         desired: DesiredState,
         reply: RpcReplyPort<SandboxReply>,
+        span: tracing::Span,
     },
     Exec {
         spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
+        span: tracing::Span,
     },
     /// The host reported this sandbox's status (event or inventory), as it
     /// was at `as_of`.
@@ -85,6 +90,8 @@ pub struct SandboxArgs {
     /// Answered with the outcome of the first convergence (the creator
     /// waiting for "running").
     pub waiter: Option<RpcReplyPort<SandboxReply>>,
+    /// The creator's span: the first convergence joins its trace.
+    pub span: tracing::Span,
 }
 
 pub struct SandboxActorState {
@@ -104,6 +111,10 @@ pub struct SandboxActorState {
     faults: u32,
     retry_scheduled: bool,
     waiter: Option<RpcReplyPort<SandboxReply>>,
+    /// The span of the request being served, while it is: its steps are
+    /// traced under it (retries and reconciliation start traces of their
+    /// own).
+    parent: Option<tracing::Span>,
 }
 
 pub struct SandboxActor;
@@ -181,7 +192,17 @@ impl Actor for SandboxActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Persist the intent before anything is sent to a host.
         let row = if args.insert {
-            args.store.insert_sandbox(args.row).await?
+            let row = args.store.insert_sandbox(args.row).await?;
+            args.metrics.events.publish(
+                &row.org_id,
+                crate::events::EventKind::Sandbox {
+                    sandbox_id: row.id.clone(),
+                    from: None,
+                    to: row.state.clone(),
+                    reason: None,
+                },
+            );
+            row
         } else {
             args.row
         };
@@ -204,6 +225,7 @@ impl Actor for SandboxActor {
             faults: 0,
             retry_scheduled: false,
             waiter: args.waiter,
+            parent: Some(args.span),
         })
     }
 
@@ -232,18 +254,30 @@ impl Actor for SandboxActor {
             SandboxMsg::Converge(reply) => {
                 state.retry_scheduled = false;
                 let result = self.converge(&myself, state).await;
+                state.parent = None;
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
-            SandboxMsg::SetDesired { desired, reply } => {
+            SandboxMsg::SetDesired {
+                desired,
+                reply,
+                span,
+            } => {
+                state.parent = Some(span);
                 let result = match self.set_desired(state, desired).await {
                     Ok(()) => self.converge(&myself, state).await,
                     Err(e) => Err(e),
                 };
+                state.parent = None;
                 let _ = reply.send(result);
             }
-            SandboxMsg::SetDesiredNoWait { desired, reply } => {
+            SandboxMsg::SetDesiredNoWait {
+                desired,
+                reply,
+                span,
+            } => {
+                state.parent = Some(span);
                 match self.set_desired(state, desired).await {
                     Ok(()) => {
                         let _ = reply.send(Ok(state.row.clone()));
@@ -253,8 +287,9 @@ impl Actor for SandboxActor {
                         let _ = reply.send(Err(e));
                     }
                 }
+                state.parent = None;
             }
-            SandboxMsg::Exec { spec, reply } => self.exec(state, spec, reply),
+            SandboxMsg::Exec { spec, reply, span } => self.exec(state, spec, reply, span),
             SandboxMsg::Observed {
                 status,
                 reason,
@@ -309,8 +344,13 @@ impl SandboxActor {
         state: &mut SandboxActorState,
     ) -> Result<sandbox::Model, CorralError> {
         while let Some(step) = next_step(state_of(&state.row), desired_of(&state.row)) {
-            let span = tracing::info_span!("sandbox.step", sandbox.id = %state.row.id, ?step);
-            if let Err(err) = self.take_step(state, step).instrument(span).await {
+            let parent = state.parent.as_ref().and_then(tracing::Span::id);
+            let span = tracing::info_span!(parent: parent, "sandbox.step", sandbox.id = %state.row.id, org.id = %state.row.org_id, host.id = state.row.host_id.as_deref().unwrap_or(""), ?step, otel.status_code = tracing::field::Empty, otel.status_message = tracing::field::Empty);
+            let result = self.take_step(state, step).instrument(span.clone()).await;
+            if let Err(err) = &result {
+                corral_telemetry::mark_failed(&span, &err.to_string());
+            }
+            if let Err(err) = result {
                 // Whatever failed (host fault, refused start or stop, the
                 // database), a step left half-way is retried with backoff
                 // until its deadline, then given up: nothing stays stuck.
@@ -396,6 +436,14 @@ impl SandboxActor {
                         self.release(state);
                     }
                     (_, Some(SandboxState::Running)) => {
+                        if step == Step::Create {
+                            let took = (now - row.created_at).to_std().unwrap_or_default();
+                            state
+                                .metrics
+                                .timings
+                                .create_to_running
+                                .observe(&[], took.as_secs_f64());
+                        }
                         row.state = SandboxState::Running.as_str().to_string();
                         row.started_at = Some(now);
                         row.exit_code = None;
@@ -465,6 +513,7 @@ impl SandboxActor {
         state: &SandboxActorState,
         spec: ExecSpec,
         reply: RpcReplyPort<Result<ExecOutcome, CorralError>>,
+        span: tracing::Span,
     ) {
         let current = state_of(&state.row);
         if current != SandboxState::Running {
@@ -484,25 +533,28 @@ impl SandboxActor {
             timeout_ms: spec.timeout_ms,
             max_output_bytes: spec.max_output_bytes,
         });
-        tokio::spawn(async move {
-            let result = match send_to_host(&host, payload, timeout).await {
-                Ok(pb::reply::Result::Exec(out)) => Ok(ExecOutcome {
-                    exit_code: out.exit_code,
-                    stdout: out.stdout,
-                    stderr: out.stderr,
-                    stdout_truncated: out.stdout_truncated,
-                    stderr_truncated: out.stderr_truncated,
-                    duration_ms: out.duration_ms,
-                    timed_out: out.timed_out,
-                }),
-                Ok(_) => Err(CorralError::Host {
-                    code: HostErrorCode::Runtime,
-                    message: "the host sent a reply of the wrong kind".into(),
-                }),
-                Err(err) => Err(err),
-            };
-            let _ = reply.send(result);
-        });
+        tokio::spawn(
+            async move {
+                let result = match send_to_host(&host, payload, timeout).await {
+                    Ok(pb::reply::Result::Exec(out)) => Ok(ExecOutcome {
+                        exit_code: out.exit_code,
+                        stdout: out.stdout,
+                        stderr: out.stderr,
+                        stdout_truncated: out.stdout_truncated,
+                        stderr_truncated: out.stderr_truncated,
+                        duration_ms: out.duration_ms,
+                        timed_out: out.timed_out,
+                    }),
+                    Ok(_) => Err(CorralError::Host {
+                        code: HostErrorCode::Runtime,
+                        message: "the host sent a reply of the wrong kind".into(),
+                    }),
+                    Err(err) => Err(err),
+                };
+                let _ = reply.send(result);
+            }
+            .instrument(span),
+        );
     }
 
     /// Applies a status the host reported (an event, or an inventory taken
@@ -722,6 +774,15 @@ impl SandboxActor {
         if after != before {
             state.last_change = Instant::now();
             state.transition_since = after.is_transitional().then(Instant::now);
+            state.metrics.events.publish(
+                &saved.org_id,
+                crate::events::EventKind::Sandbox {
+                    sandbox_id: saved.id.clone(),
+                    from: Some(before.as_str().to_string()),
+                    to: after.as_str().to_string(),
+                    reason: saved.failure_reason.clone(),
+                },
+            );
         }
         let phase = metered_phase(after);
         if metered_phase(before) != phase {
@@ -825,15 +886,34 @@ pub(crate) async fn send_to_host(
     timeout: Duration,
 ) -> Result<pb::reply::Result, CorralError> {
     let margin = Duration::from_secs(2);
-    match host
+    let method = command_name(&payload);
+    // The client side of the command, in the caller's trace; its context
+    // travels in the envelope and the agent continues it.
+    let span = tracing::info_span!(
+        "agent.command",
+        otel.name = %format!("corral.agent.v1.AgentService/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = "corral.agent.v1.AgentService",
+        rpc.method = method,
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+    );
+    let trace = corral_telemetry::inject(&span).map(|w| pb::TraceContext {
+        traceparent: w.traceparent,
+        tracestate: w.tracestate,
+    });
+    let result = match host
         .call(
             |reply| HostMsg::Dispatch {
                 payload,
                 timeout,
                 reply,
+                trace,
             },
             Some(timeout + margin),
         )
+        .instrument(span.clone())
         .await
     {
         Ok(ractor::rpc::CallResult::Success(result)) => result,
@@ -842,6 +922,24 @@ pub(crate) async fn send_to_host(
         )),
         Ok(ractor::rpc::CallResult::SenderError) => Err(CorralError::HostDisconnected),
         Err(_) => Err(CorralError::HostUnavailable),
+    };
+    if let Err(err) = &result {
+        corral_telemetry::mark_failed(&span, &err.to_string());
+    }
+    result
+}
+
+/// The command's name as an RPC method, for span names.
+fn command_name(payload: &pb::control_message::Payload) -> &'static str {
+    use pb::control_message::Payload as P;
+    match payload {
+        P::RegisterAck(_) => "RegisterAck",
+        P::Create(_) => "CreateSandbox",
+        P::Start(_) => "StartSandbox",
+        P::Stop(_) => "StopSandbox",
+        P::Destroy(_) => "DestroySandbox",
+        P::Exec(_) => "Exec",
+        P::Inventory(_) => "Inventory",
     }
 }
 
