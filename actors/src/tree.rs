@@ -13,8 +13,25 @@ pub struct ActorNode {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub status: String,
+    /// For a host: its connection and operator state, e.g. `ready/cordoned`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<ActorNode>,
+}
+
+impl ActorNode {
+    /// Sets `state` on every node of `kind` whose id `state_of` knows.
+    pub fn annotate(&mut self, kind: &str, state_of: &dyn Fn(&str) -> Option<String>) {
+        if self.kind == kind {
+            if let Some(id) = &self.id {
+                self.state = state_of(id);
+            }
+        }
+        for child in &mut self.children {
+            child.annotate(kind, state_of);
+        }
+    }
 }
 
 fn status_text(status: ActorStatus) -> &'static str {
@@ -42,6 +59,7 @@ pub fn snapshot(prefix: &str, cell: &ActorCell) -> ActorNode {
         kind: kind.to_string(),
         id: id.map(str::to_string),
         status: status_text(cell.get_status()).to_string(),
+        state: None,
         children,
     }
 }
