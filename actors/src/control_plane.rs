@@ -21,14 +21,16 @@ use crate::actors::ledger::{
 };
 use crate::actors::root::{RootArgs, RootMsg, RootSupervisor, TopLevel};
 use crate::actors::sandbox::{SandboxMsg, SandboxReply};
-use crate::actors::scheduler::{HostCapacity, SchedulerMsg};
+use crate::actors::scheduler::{HostCapacity, SchedulerMsg, SchedulingPolicy};
 use crate::actors::{names, Timeouts};
 use crate::billing::BillingPolicy;
 use crate::domain::{
-    new_id, DesiredState, ExecOutcome, ExecSpec, Resources, SandboxSpec, SandboxState,
+    new_id, DesiredState, ExecOutcome, ExecSpec, HostAdminState, Resources, SandboxSpec,
+    SandboxState,
 };
 use crate::error::{CorralError, Result};
 use crate::metrics::Metrics;
+use crate::placement::PlacementRequest;
 use crate::store::{sandbox, HostRegistration, SandboxFilter, Store};
 use crate::tree::{self, ActorNode};
 
@@ -38,6 +40,7 @@ pub struct ControlPlaneConfig {
     pub database_url: String,
     pub timeouts: Timeouts,
     pub billing: BillingPolicy,
+    pub scheduling: SchedulingPolicy,
 }
 
 /// A running control plane. Cheap to clone.
@@ -53,6 +56,7 @@ struct Inner {
     prefix: String,
     timeouts: Timeouts,
     metrics: Metrics,
+    scheduling: SchedulingPolicy,
     /// Becomes true when the actor tree has stopped.
     stopped: tokio::sync::watch::Receiver<bool>,
 }
@@ -93,7 +97,14 @@ impl ControlPlane {
     /// from it.
     pub async fn start(config: ControlPlaneConfig) -> Result<Self> {
         let store = Store::connect(&config.database_url).await?;
-        Self::start_with_store(store, config.timeouts, config.billing, Arc::new(LogHook)).await
+        Self::start_with_store(
+            store,
+            config.timeouts,
+            config.billing,
+            config.scheduling,
+            Arc::new(LogHook),
+        )
+        .await
     }
 
     /// Starts on an open store, with a hook for billing-status changes.
@@ -101,6 +112,7 @@ impl ControlPlane {
         store: Store,
         timeouts: Timeouts,
         billing: BillingPolicy,
+        scheduling: SchedulingPolicy,
         billing_hook: Arc<dyn BillingHook>,
     ) -> Result<Self> {
         let prefix = format!("{}/", &new_id("cp")[3..15]);
@@ -115,6 +127,7 @@ impl ControlPlane {
                 metrics: metrics.clone(),
                 billing,
                 billing_hook,
+                scheduling: scheduling.clone(),
             },
         )
         .await
@@ -133,6 +146,7 @@ impl ControlPlane {
                 prefix,
                 timeouts,
                 metrics,
+                scheduling,
                 stopped,
             }),
         })
@@ -144,6 +158,11 @@ impl ControlPlane {
 
     pub fn timeouts(&self) -> &Timeouts {
         &self.inner.timeouts
+    }
+
+    /// How this deployment places sandboxes.
+    pub fn scheduling(&self) -> &SchedulingPolicy {
+        &self.inner.scheduling
     }
 
     /// What the reconcilers and supervisors counted.
@@ -277,19 +296,19 @@ impl ControlPlane {
             QUICK,
         )
         .await??;
+        let request = PlacementRequest {
+            org_id: org_id.to_string(),
+            resources,
+            image: spec.image.clone(),
+            labels: spec.labels.clone(),
+            placement: spec.placement.clone(),
+            ..Default::default()
+        };
         let placing = std::time::Instant::now();
-        let placed = call(
-            &self.inner.top.scheduler,
-            |reply| SchedulerMsg::Place {
-                sandbox_id: sandbox_id.clone(),
-                resources,
-                reply,
-            },
-            QUICK,
-        )
-        .instrument(tracing::info_span!("scheduler.place", sandbox.id = %sandbox_id))
-        .await
-        .and_then(|placed| placed);
+        let placed = self
+            .place(&sandbox_id, request)
+            .instrument(tracing::info_span!("scheduler.place", sandbox.id = %sandbox_id))
+            .await;
         self.inner.metrics.timings.placement.observe(
             &[if placed.is_ok() { "placed" } else { "refused" }],
             placing.elapsed().as_secs_f64(),
@@ -340,6 +359,39 @@ impl ControlPlane {
         }
     }
 
+    /// Places a new sandbox, waiting for capacity up to the request's
+    /// `wait_timeout_ms` (polling the scheduler; each attempt is one
+    /// message, so waiting creates do not hold the scheduler).
+    async fn place(&self, sandbox_id: &str, request: PlacementRequest) -> Result<String> {
+        let deadline = request
+            .placement
+            .wait_timeout_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let placed = call(
+                &self.inner.top.scheduler,
+                |reply| SchedulerMsg::Place {
+                    sandbox_id: sandbox_id.to_string(),
+                    request: request.clone(),
+                    reply,
+                },
+                QUICK,
+            )
+            .await
+            .and_then(|placed| placed);
+            match (placed, deadline) {
+                (Err(CorralError::NoCapacity { .. }), Some(deadline))
+                    if tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                (placed, _) => return placed,
+            }
+        }
+    }
+
     async fn spawn_sandbox(
         &self,
         org_id: &str,
@@ -385,6 +437,9 @@ impl ControlPlane {
                 .ttl_seconds
                 .and_then(|ttl| i64::try_from(ttl).ok())
                 .map(|ttl| now + chrono::Duration::seconds(ttl)),
+            restart_policy: spec.restart_policy.as_str().to_string(),
+            placement: (spec.placement != crate::domain::Placement::default())
+                .then(|| to_json(&spec.placement)),
         };
         let actor = call(
             &host,
@@ -589,6 +644,81 @@ impl ControlPlane {
             .collect())
     }
 
+    /// One host with its capacity view.
+    pub async fn get_host(&self, host_id: &str) -> Result<HostView> {
+        let row = self
+            .inner
+            .store
+            .get_host(host_id)
+            .await?
+            .ok_or(CorralError::NotFound("host"))?;
+        let capacity = self.capacity().await?.remove(host_id);
+        Ok(HostView { row, capacity })
+    }
+
+    /// Cordons, uncordons or drains a host (its HostActor records it and,
+    /// for a drain, moves or stops its sandboxes).
+    pub async fn set_host_admin(&self, host_id: &str, admin: HostAdminState) -> Result<HostView> {
+        let current = self.get_host(host_id).await?;
+        if current.row.admin_state == HostAdminState::Decommissioned.as_str() {
+            return Err(CorralError::InvalidState(
+                "the host is decommissioned".into(),
+            ));
+        }
+        let host = call(
+            &self.inner.top.fleet,
+            |reply| FleetMsg::GetHost(host_id.to_string(), reply),
+            QUICK,
+        )
+        .await?
+        .ok_or(CorralError::NotFound("host"))?;
+        call(
+            &host,
+            |reply| crate::actors::host::HostMsg::SetAdmin { admin, reply },
+            QUICK,
+        )
+        .await??;
+        self.get_host(host_id).await
+    }
+
+    /// Removes an empty host from the fleet for good: no placements, its
+    /// tokens revoked, its actor stopped. A host that still holds live
+    /// sandboxes must be drained first. Answers with the revoked token ids
+    /// (the caller ends their streams).
+    pub async fn decommission_host(&self, host_id: &str) -> Result<(HostView, Vec<String>)> {
+        let current = self.get_host(host_id).await?;
+        if current.row.admin_state != HostAdminState::Decommissioned.as_str() {
+            let live = self
+                .inner
+                .store
+                .load_live_sandboxes()
+                .await?
+                .into_iter()
+                .filter(|s| s.host_id.as_deref() == Some(host_id))
+                .count();
+            if live > 0 {
+                return Err(CorralError::Conflict(format!(
+                    "the host still holds {live} sandbox(es); drain it first"
+                )));
+            }
+            self.inner
+                .store
+                .set_host_admin(host_id, HostAdminState::Decommissioned)
+                .await?;
+        }
+        let tokens = self.inner.store.revoke_host_tokens_of(host_id).await?;
+        let _ = self
+            .inner
+            .top
+            .fleet
+            .cast(FleetMsg::Forget(host_id.to_string()));
+        let _ = self.inner.top.scheduler.cast(SchedulerMsg::Remove {
+            host_id: host_id.to_string(),
+        });
+        let view = self.get_host(host_id).await?;
+        Ok((view, tokens.into_iter().map(|t| t.id).collect()))
+    }
+
     /// The scheduler's capacity view (tests check it is never exceeded).
     pub async fn capacity(&self) -> Result<std::collections::HashMap<String, HostCapacity>> {
         call(&self.inner.top.scheduler, SchedulerMsg::Snapshot, QUICK).await
@@ -693,6 +823,29 @@ impl ControlPlane {
             &self.inner.metrics.registry,
             filter,
         )
+    }
+
+    /// The live supervision tree pruned by `filter`, each host annotated
+    /// with its connection and operator state (`ready/active`,
+    /// `disconnected/draining`, ...). The walk runs off the async workers,
+    /// so a tree of 100,000 actors never holds up other requests.
+    pub async fn actor_tree_with_states(&self, filter: tree::TreeFilter) -> Result<ActorNode> {
+        let hosts: std::collections::HashMap<String, String> = self
+            .inner
+            .store
+            .list_hosts()
+            .await?
+            .into_iter()
+            .map(|h| (h.id, format!("{}/{}", h.state, h.admin_state)))
+            .collect();
+        let cp = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tree = cp.actor_tree_filtered(&filter);
+            tree.annotate("host", &|id| hosts.get(id).cloned());
+            tree
+        })
+        .await
+        .map_err(|err| CorralError::Internal(format!("actor tree walk: {err}")))
     }
 
     /// Resources the scheduler has reserved on a host, if known.

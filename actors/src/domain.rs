@@ -77,6 +77,39 @@ string_enum!(
 );
 
 string_enum!(
+    /// What operators decided about a host, beside its connection state:
+    /// `active` takes placements; `cordoned` takes none (what runs stays);
+    /// `draining` takes none and its sandboxes move or stop;
+    /// `decommissioned` left the fleet for good.
+    HostAdminState {
+        Active = "active",
+        Cordoned = "cordoned",
+        Draining = "draining",
+        Decommissioned = "decommissioned",
+    }
+);
+
+string_enum!(
+    /// What happens to a sandbox when its host is lost or drained: `never`
+    /// leaves it `lost` (host lost) or `stopped` (drained); `on_host_loss`
+    /// creates it again on another host, with the same id.
+    RestartPolicy {
+        Never = "never",
+        OnHostLoss = "on_host_loss",
+    }
+);
+
+string_enum!(
+    /// How the scheduler chooses among the hosts that can take a sandbox:
+    /// `spread` the least loaded (the default), `binpack` the fullest that
+    /// still fits.
+    PlacementStrategy {
+        Spread = "spread",
+        Binpack = "binpack",
+    }
+);
+
+string_enum!(
     /// An organisation's billing status.
     BillingStatus {
         Active = "active",
@@ -86,6 +119,24 @@ string_enum!(
         Exempt = "exempt",
     }
 );
+
+impl Default for HostAdminState {
+    fn default() -> Self {
+        Self::Active
+    }
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self::Never
+    }
+}
+
+impl Default for PlacementStrategy {
+    fn default() -> Self {
+        Self::Spread
+    }
+}
 
 impl SandboxState {
     /// A sandbox in a terminal state has no actor and never changes again.
@@ -123,6 +174,28 @@ impl Resources {
     }
 }
 
+/// Where a sandbox may go, as its creator asked (validated at the edge,
+/// stored on the sandbox row and reused when it is placed again).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Placement {
+    /// Overrides the deployment's strategy (if the deployment allows).
+    pub strategy: Option<PlacementStrategy>,
+    /// Host labels the host must carry, all of them (`region`, `arch`,
+    /// `gpu`, any key).
+    pub selector: BTreeMap<String, String>,
+    /// The runtime kind the host must run (`runc`, `docker`, `process`,
+    /// `fake`).
+    pub runtime: Option<String>,
+    /// Anti-affinity: spread the sandboxes that share this label's value
+    /// (the sandbox's own label of that key) over as many hosts as possible.
+    pub spread_by: Option<String>,
+    /// Only the org's private pool, never the shared fleet.
+    pub private_pool_only: bool,
+    /// Wait up to this long for capacity instead of failing at once.
+    pub wait_timeout_ms: Option<u64>,
+}
+
 /// A validated request for a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSpec {
@@ -135,6 +208,8 @@ pub struct SandboxSpec {
     pub cpu_millis: u32,
     pub memory_mb: u64,
     pub ttl_seconds: Option<u64>,
+    pub placement: Placement,
+    pub restart_policy: RestartPolicy,
 }
 
 impl SandboxSpec {

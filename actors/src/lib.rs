@@ -9,6 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod placement;
 pub mod store;
 pub mod tree;
 

@@ -20,6 +20,9 @@ pub struct ActorNode {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub status: String,
+    /// For a host: its connection and operator state, e.g. `ready/cordoned`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// The org the actor works for (sandboxes, ledgers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub org_id: Option<String>,
@@ -65,6 +68,20 @@ impl TreeFilter {
     }
 }
 
+impl ActorNode {
+    /// Sets `state` on every node of `kind` whose id `state_of` knows.
+    pub fn annotate(&mut self, kind: &str, state_of: &dyn Fn(&str) -> Option<String>) {
+        if self.kind == kind {
+            if let Some(id) = &self.id {
+                self.state = state_of(id);
+            }
+        }
+        for child in &mut self.children {
+            child.annotate(kind, state_of);
+        }
+    }
+}
+
 fn status_text(status: ActorStatus) -> &'static str {
     match status {
         ActorStatus::Unstarted => "unstarted",
@@ -102,6 +119,7 @@ fn unnamed(cell: &ActorCell) -> ActorNode {
         kind: "unknown".into(),
         id: None,
         status: status_text(cell.get_status()).into(),
+        state: None,
         org_id: None,
         host_id: None,
         uptime_seconds: None,
@@ -123,6 +141,7 @@ fn node(prefix: &str, cell: &ActorCell, registry: &ActorRegistry, host: Option<&
         kind: kind.to_string(),
         id: id.map(str::to_string),
         status: status_text(cell.get_status()).to_string(),
+        state: None,
         org_id: entry.as_ref().and_then(|e| e.org.clone()),
         host_id,
         uptime_seconds: entry.as_ref().map(|e| e.started.elapsed().as_secs_f64()),

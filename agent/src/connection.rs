@@ -194,6 +194,7 @@ async fn run_session(
         images: runtime.images(),
         inventory: inventory.iter().map(pb::SandboxStatus::from).collect(),
         max_concurrent_commands: u32::try_from(config.max_concurrent_commands).unwrap_or(u32::MAX),
+        labels: config.labels.clone().into_iter().collect(),
     };
     // Queued before the call: the control plane may wait for it before it
     // answers the stream's headers.

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     /// How an `https://` control plane is verified, and the certificate
     /// the agent presents (mutual TLS).
     pub tls: AgentTls,
+    /// Host labels reported at registration (`--label k=v`), for placement
+    /// selectors and anti-affinity.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// TLS settings of the agent's dial (PEM contents, read at start-up).
@@ -87,6 +90,7 @@ impl Default for AgentConfig {
             max_concurrent_commands: 64,
             poll_interval: Duration::from_secs(1),
             tls: AgentTls::default(),
+            labels: Default::default(),
         }
     }
 }

@@ -101,6 +101,10 @@ struct RunArgs {
     /// The hostname reported (default: this host's name).
     #[arg(long, env = "CORRAL_AGENT_HOSTNAME")]
     hostname: Option<String>,
+    /// A host label `key=value` for placement selectors and anti-affinity
+    /// (e.g. `--label region=eu --label gpu=a100`); repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     #[arg(long, default_value_t = 64)]
     max_concurrent_commands: usize,
     /// How often the runtime is polled for changes (and for sandboxes past
@@ -356,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_concurrent_commands: args.max_concurrent_commands.max(1),
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         tls: agent_tls(&args)?,
+        labels: args.labels.iter().cloned().collect(),
     };
     let watchdog = WatchdogConfig {
         ttl_margin: Duration::from_secs(args.ttl_margin_secs),
@@ -589,4 +594,29 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["corral-agent", "image", "docker-import", "busybox"]).is_ok());
     }
+}
+
+/// `key=value`, with a key of 1-63 characters of a-z, 0-9, `.`, `_`, `/`,
+/// `-` (the control plane's label rules).
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?} must be 1-63 characters of a-z, 0-9, '.', '_', '/' and '-'"
+        ));
+    }
+    if value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "label {key} must have a value of at most 256 printable bytes"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
 }

@@ -167,6 +167,7 @@ impl RunningAgent {
             max_concurrent_commands,
             poll_interval: Duration::from_millis(50),
             tls: Default::default(),
+            labels: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         let shared: Arc<dyn Runtime> = Arc::new(runtime.clone());

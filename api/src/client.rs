@@ -39,6 +39,39 @@ pub struct Connection {
     pub admin_token: Option<String>,
 }
 
+/// `corral admin hosts ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum HostsCommand {
+    /// List hosts (the default).
+    List,
+    /// Show one host as JSON.
+    Get { id: String },
+    /// No new placements on the host; what runs there stays.
+    Cordon { id: String },
+    /// The host takes placements again.
+    Uncordon { id: String },
+    /// No new placements; its sandboxes move to other hosts
+    /// (restart policy on_host_loss) or stop.
+    Drain { id: String },
+    /// Remove an empty host from the fleet for good (revokes its tokens).
+    Decommission { id: String },
+}
+
+/// A host's labels as `k=v,k=v`.
+fn labels_text(host: &Value) -> String {
+    host.get("labels")
+        .and_then(Value::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
 /// `corral sandbox ...`
 #[derive(clap::Subcommand, Debug)]
 pub enum SandboxCommand {
@@ -73,6 +106,28 @@ pub enum SandboxCommand {
         /// Print the sandbox as JSON.
         #[arg(long)]
         json: bool,
+        /// Placement strategy for this sandbox: spread or binpack.
+        #[arg(long, value_name = "STRATEGY")]
+        strategy: Option<String>,
+        /// A host label the host must carry (repeatable; all must match).
+        #[arg(long = "selector", value_name = "K=V", value_parser = parse_key_value)]
+        selector: Vec<(String, String)>,
+        /// The runtime the host must run: runc, docker, process or fake.
+        #[arg(long, value_name = "KIND")]
+        runtime: Option<String>,
+        /// Spread sandboxes sharing this label's value over hosts.
+        #[arg(long, value_name = "LABEL")]
+        spread_by: Option<String>,
+        /// Only the org's private pool.
+        #[arg(long)]
+        private_pool_only: bool,
+        /// Wait up to N ms for capacity instead of failing with no_capacity.
+        #[arg(long, value_name = "N")]
+        wait_timeout_ms: Option<u64>,
+        /// never (default) or on_host_loss (created again on another host
+        /// when its host is lost or drained).
+        #[arg(long, value_name = "POLICY")]
+        restart_policy: Option<String>,
         /// The sandbox's main process and its arguments (after `--`).
         #[arg(
             required = true,
@@ -199,6 +254,10 @@ pub enum AdminCommand {
         /// An existing host to rotate the token of (default: a new host).
         #[arg(long)]
         host_id: Option<String>,
+        /// Put the host in this org's private pool (only its sandboxes go
+        /// there).
+        #[arg(long)]
+        org_id: Option<String>,
     },
     /// List host tokens.
     HostTokens,
@@ -207,8 +266,12 @@ pub enum AdminCommand {
         /// Host token id.
         id: String,
     },
-    /// List hosts with their state, capacity and allocation.
-    Hosts,
+    /// List hosts with their state, capacity and allocation (`hosts list`),
+    /// or cordon, uncordon, drain or decommission one.
+    Hosts {
+        #[command(subcommand)]
+        action: Option<HostsCommand>,
+    },
     /// Credit an organisation: a deposit, an adjustment (may be negative) or
     /// a refund.
     Credits {
@@ -679,6 +742,10 @@ fn node_label(node: &Value) -> String {
         .get("status")
         .and_then(Value::as_str)
         .map_or_else(|| "?".to_string(), clean);
+    let status = match node.get("state").and_then(Value::as_str) {
+        Some(state) => format!("{status}, {}", clean(state)),
+        None => status,
+    };
     let mut label = match node.get("id").and_then(Value::as_str) {
         Some(id) => format!("{kind} {} ({status})", clean(id)),
         None => format!("{kind} ({status})"),
@@ -762,6 +829,13 @@ pub async fn run_sandbox(conn: &Connection, cmd: SandboxCommand) -> anyhow::Resu
             workdir,
             no_wait,
             json,
+            strategy,
+            selector,
+            runtime,
+            spread_by,
+            private_pool_only,
+            wait_timeout_ms,
+            restart_policy,
             command,
         } => {
             let mut body = json!({
@@ -770,6 +844,25 @@ pub async fn run_sandbox(conn: &Connection, cmd: SandboxCommand) -> anyhow::Resu
                 "env": to_map(env),
                 "labels": to_map(labels),
             });
+            let mut placement = serde_json::Map::new();
+            for (key, value) in [
+                ("strategy", strategy.map(Value::from)),
+                ("runtime", runtime.map(Value::from)),
+                ("spread_by", spread_by.map(Value::from)),
+                ("wait_timeout_ms", wait_timeout_ms.map(Value::from)),
+                (
+                    "private_pool_only",
+                    private_pool_only.then_some(Value::Bool(true)),
+                ),
+                (
+                    "selector",
+                    (!selector.is_empty()).then(|| json!(to_map(selector))),
+                ),
+            ] {
+                if let Some(value) = value {
+                    placement.insert(key.to_string(), value);
+                }
+            }
             if let Value::Object(map) = &mut body {
                 let optional = [
                     ("name", name.map(Value::from)),
@@ -777,6 +870,11 @@ pub async fn run_sandbox(conn: &Connection, cmd: SandboxCommand) -> anyhow::Resu
                     ("cpu_millis", cpu_millis.map(Value::from)),
                     ("memory_mb", memory_mb.map(Value::from)),
                     ("ttl_seconds", ttl_seconds.map(Value::from)),
+                    ("restart_policy", restart_policy.map(Value::from)),
+                    (
+                        "placement",
+                        (!placement.is_empty()).then_some(Value::Object(placement)),
+                    ),
                 ];
                 for (key, value) in optional {
                     if let Some(value) = value {
@@ -1080,10 +1178,17 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
             );
             Ok(ExitCode::SUCCESS)
         }
-        AdminCommand::CreateHostToken { name, host_id } => {
+        AdminCommand::CreateHostToken {
+            name,
+            host_id,
+            org_id,
+        } => {
             let mut body = json!({ "name": name });
             if let (Some(h), Value::Object(map)) = (host_id, &mut body) {
                 map.insert("host_id".into(), Value::from(h));
+            }
+            if let (Some(o), Value::Object(map)) = (org_id, &mut body) {
+                map.insert("org_id".into(), Value::from(o));
             }
             let url = api.url(&["v1", "admin", "host-tokens"], &[]);
             let answer = api.call(Method::POST, url, Some(&body)).await?;
@@ -1134,7 +1239,45 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
             );
             Ok(ExitCode::SUCCESS)
         }
-        AdminCommand::Hosts => {
+        AdminCommand::Hosts {
+            action: Some(HostsCommand::Get { id }),
+        } => {
+            let answer = api
+                .get(api.url(&["v1", "admin", "hosts", &id], &[]))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Hosts {
+            action:
+                Some(
+                    action @ (HostsCommand::Cordon { .. }
+                    | HostsCommand::Uncordon { .. }
+                    | HostsCommand::Drain { .. }
+                    | HostsCommand::Decommission { .. }),
+                ),
+        } => {
+            let (verb, id) = match &action {
+                HostsCommand::Cordon { id } => ("cordon", id),
+                HostsCommand::Uncordon { id } => ("uncordon", id),
+                HostsCommand::Drain { id } => ("drain", id),
+                HostsCommand::Decommission { id } => ("decommission", id),
+                HostsCommand::List | HostsCommand::Get { .. } => {
+                    return Err(anyhow!("unreachable host command"))
+                }
+            };
+            let url = api.url(&["v1", "admin", "hosts", id, verb], &[]);
+            let host = api.call(Method::POST, url, Some(&json!({}))).await?;
+            println!(
+                "host {}: {} ({}), {} sandbox(es)",
+                field(&host, "id"),
+                field(&host, "admin_state"),
+                field(&host, "state"),
+                show_int(int_field(&host, &["sandbox_count"]))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Hosts { .. } => {
             let answer = api.get(api.url(&["v1", "admin", "hosts"], &[])).await?;
             let rows: Vec<Vec<String>> = array(&answer, "hosts")?
                 .iter()
@@ -1147,23 +1290,39 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
                         field(h, "id"),
                         field(h, "hostname"),
                         field(h, "state"),
+                        field(h, "admin_state"),
                         runtime,
                         format!(
                             "{}m/{}m",
                             show_int(int_field(h, &["allocated", "cpu_millis"])),
-                            show_int(int_field(h, &["capacity", "cpu_millis"]))
+                            show_int(int_field(h, &["allocatable", "cpu_millis"]))
                         ),
                         format!(
                             "{}Mi/{}Mi",
                             show_int(int_field(h, &["allocated", "memory_mb"])),
-                            show_int(int_field(h, &["capacity", "memory_mb"]))
+                            show_int(int_field(h, &["allocatable", "memory_mb"]))
                         ),
+                        show_int(int_field(h, &["sandbox_count"])),
+                        labels_text(h),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
-                render_table(&["ID", "HOSTNAME", "STATE", "RUNTIME", "CPU", "MEM"], &rows)
+                render_table(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "STATE",
+                        "ADMIN",
+                        "RUNTIME",
+                        "CPU",
+                        "MEM",
+                        "SANDBOXES",
+                        "LABELS"
+                    ],
+                    &rows
+                )
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -131,6 +131,7 @@ impl pb::agent_service_server::AgentService for AgentGateway {
             .map_err(status_of)?
             .ok_or_else(|| Status::unauthenticated("unknown or revoked host token"))?;
         let host_id = host_token.host_id;
+        let pool = host_token.org_id;
         let token_id = host_token.id;
         let expires_at = host_token.expires_at;
 
@@ -147,6 +148,10 @@ impl pb::agent_service_server::AgentService for AgentGateway {
             }
         };
         let capacity = register.capacity.unwrap_or_default();
+        let labels: std::collections::BTreeMap<String, String> =
+            register.labels.into_iter().collect();
+        corral_actors::domain::validate_labels(&labels)
+            .map_err(|e| Status::invalid_argument(format!("host labels: {e}")))?;
         let registration = HostRegistration {
             hostname: truncate(register.hostname, 255),
             runtime: truncate(register.runtime, 16),
@@ -160,6 +165,8 @@ impl pb::agent_service_server::AgentService for AgentGateway {
                 .map(|i| truncate(i, 64))
                 .collect(),
             agent_version: truncate(register.agent_version, 64),
+            labels,
+            org_id: pool,
         };
 
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);

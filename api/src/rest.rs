@@ -208,12 +208,17 @@ pub struct CreateHostTokenRequest {
     pub expires_at: Option<DateTime<Utc>>,
     /// The token stops working this many seconds from now.
     pub ttl_seconds: Option<u64>,
+    /// Issue the token for a host of this org's private pool: it takes
+    /// only that org's sandboxes.
+    pub org_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HostTokenView {
     pub id: String,
     pub host_id: String,
+    /// The org whose private pool the host joins; null for the shared fleet.
+    pub org_id: Option<String>,
     pub name: String,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
@@ -226,6 +231,7 @@ impl From<store::host_token::Model> for HostTokenView {
         Self {
             id: m.id,
             host_id: m.host_id,
+            org_id: m.org_id,
             name: m.name,
             prefix: m.prefix,
             created_at: m.created_at,
@@ -240,6 +246,7 @@ impl From<store::host_token::Model> for HostTokenView {
 pub struct CreatedHostToken {
     pub id: String,
     pub host_id: String,
+    pub org_id: Option<String>,
     pub name: String,
     pub prefix: String,
     pub token: String,
@@ -262,14 +269,89 @@ pub struct ResourcesView {
 pub struct HostView {
     pub id: String,
     pub hostname: String,
+    /// Connection state: ready, disconnected or offline.
     pub state: String,
+    /// Operator state: active, cordoned, draining or decommissioned.
+    pub admin_state: String,
+    /// Whether the host takes new placements now.
+    pub schedulable: bool,
     pub runtime: String,
     pub isolated: bool,
+    /// What the agent reported.
     pub capacity: ResourcesView,
+    /// What sandboxes may reserve: capacity less the reserve, times the
+    /// overcommit ratio.
+    pub allocatable: ResourcesView,
+    /// The reservations of the sandboxes placed there.
     pub allocated: ResourcesView,
+    /// What the agent last reported in use.
+    pub usage: ResourcesView,
+    pub labels: BTreeMap<String, String>,
+    /// The org whose private pool it is in; null for the shared fleet.
+    pub org_id: Option<String>,
+    /// Sandboxes holding a reservation on it.
+    pub sandbox_count: u32,
     pub images: Vec<String>,
     pub agent_version: String,
     pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+impl From<corral_actors::HostView> for HostView {
+    fn from(h: corral_actors::HostView) -> Self {
+        let cap = h.capacity.unwrap_or_default();
+        let view = |r: domain::Resources| ResourcesView {
+            cpu_millis: r.cpu_millis,
+            memory_mb: r.memory_mb,
+        };
+        HostView {
+            capacity: ResourcesView {
+                cpu_millis: u64::try_from(h.row.cpu_millis).unwrap_or(0),
+                memory_mb: u64::try_from(h.row.memory_mb).unwrap_or(0),
+            },
+            allocatable: view(cap.allocatable),
+            allocated: view(cap.allocated),
+            usage: view(cap.usage),
+            schedulable: cap.schedulable,
+            sandbox_count: cap.sandboxes,
+            labels: h
+                .row
+                .labels
+                .and_then(|l| serde_json::from_value(l).ok())
+                .unwrap_or_default(),
+            org_id: h.row.org_id,
+            admin_state: h.row.admin_state,
+            images: serde_json::from_value(h.row.images).unwrap_or_default(),
+            id: h.row.id,
+            hostname: h.row.hostname,
+            state: h.row.state,
+            runtime: h.row.runtime,
+            isolated: h.row.isolated,
+            agent_version: h.row.agent_version,
+            last_seen_at: h.row.last_seen_at,
+        }
+    }
+}
+
+/// Where a sandbox may go (`placement` of a create request).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementBody {
+    /// `spread` or `binpack`; overrides the deployment's strategy unless it
+    /// was started with `--no-strategy-override`.
+    pub strategy: Option<String>,
+    /// Host labels the host must carry, e.g. `{"region": "eu", "gpu": "a100"}`.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// The runtime kind the host must run: runc, docker, process or fake.
+    pub runtime: Option<String>,
+    /// Spread the sandboxes sharing this label's value over hosts
+    /// (anti-affinity); the sandbox must carry the label.
+    pub spread_by: Option<String>,
+    /// Only the org's private pool, never the shared fleet.
+    pub private_pool_only: Option<bool>,
+    /// Wait up to this long for capacity instead of failing with
+    /// `no_capacity` at once (at most 300000).
+    pub wait_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -295,6 +377,11 @@ pub struct CreateSandboxRequest {
     /// Memory limit in MiB (default 256).
     pub memory_mb: Option<u64>,
     pub ttl_seconds: Option<u64>,
+    /// Constraints on the host (see docs/scheduling.md).
+    pub placement: Option<PlacementBody>,
+    /// `never` (default) or `on_host_loss`: created again on another host
+    /// when its host is lost or drained.
+    pub restart_policy: Option<String>,
 }
 
 /// A sandbox as its owner sees it.
@@ -321,6 +408,10 @@ pub struct SandboxView {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The host it is placed on.
+    pub host_id: Option<String>,
+    /// never or on_host_loss.
+    pub restart_policy: String,
 }
 
 impl From<store::sandbox::Model> for SandboxView {
@@ -344,6 +435,8 @@ impl From<store::sandbox::Model> for SandboxView {
             updated_at: m.updated_at,
             started_at: m.started_at,
             expires_at: m.expires_at,
+            host_id: m.host_id,
+            restart_policy: m.restart_policy,
         }
     }
 }
@@ -397,7 +490,86 @@ pub struct Health {
 
 // ---- validation -----------------------------------------------------------
 
-fn validate_create(req: CreateSandboxRequest) -> Result<SandboxSpec, ApiError> {
+fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message.into())
+}
+
+/// Checks a create's placement and restart policy; 422 with a stable code
+/// for each kind of mistake.
+fn validate_placement(
+    body: Option<PlacementBody>,
+    restart_policy: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    allow_strategy_override: bool,
+) -> Result<(domain::Placement, domain::RestartPolicy), ApiError> {
+    let restart_policy = match restart_policy {
+        None => domain::RestartPolicy::Never,
+        Some(text) => domain::RestartPolicy::parse(text).ok_or_else(|| {
+            unprocessable(
+                "invalid_restart_policy",
+                "restart_policy must be never or on_host_loss",
+            )
+        })?,
+    };
+    let Some(body) = body else {
+        return Ok((domain::Placement::default(), restart_policy));
+    };
+    let strategy = match body.strategy.as_deref() {
+        None => None,
+        Some(text) => {
+            let strategy = domain::PlacementStrategy::parse(text).ok_or_else(|| {
+                unprocessable("invalid_strategy", "strategy must be spread or binpack")
+            })?;
+            if !allow_strategy_override {
+                return Err(unprocessable(
+                    "strategy_override_not_allowed",
+                    "this deployment does not let requests choose the placement strategy",
+                ));
+            }
+            Some(strategy)
+        }
+    };
+    domain::validate_labels(&body.selector)
+        .map_err(|e| unprocessable("invalid_selector", format!("selector: {e}")))?;
+    if let Some(runtime) = &body.runtime {
+        if !["runc", "docker", "process", "fake"].contains(&runtime.as_str()) {
+            return Err(unprocessable(
+                "invalid_runtime",
+                "runtime must be runc, docker, process or fake",
+            ));
+        }
+    }
+    if let Some(key) = &body.spread_by {
+        if !labels.contains_key(key) {
+            return Err(unprocessable(
+                "invalid_spread_by",
+                format!("spread_by names the label {key:?}, which the sandbox does not carry"),
+            ));
+        }
+    }
+    if body.wait_timeout_ms.is_some_and(|ms| ms > 300_000) {
+        return Err(unprocessable(
+            "invalid_wait_timeout",
+            "wait_timeout_ms must be at most 300000",
+        ));
+    }
+    Ok((
+        domain::Placement {
+            strategy,
+            selector: body.selector,
+            runtime: body.runtime,
+            spread_by: body.spread_by,
+            private_pool_only: body.private_pool_only.unwrap_or(false),
+            wait_timeout_ms: body.wait_timeout_ms,
+        },
+        restart_policy,
+    ))
+}
+
+fn validate_create(
+    req: CreateSandboxRequest,
+    allow_strategy_override: bool,
+) -> Result<SandboxSpec, ApiError> {
     if let Some(name) = &req.name {
         domain::validate_name(name)?;
     }
@@ -424,6 +596,12 @@ fn validate_create(req: CreateSandboxRequest) -> Result<SandboxSpec, ApiError> {
         .ttl_seconds
         .map(|ttl| domain::validate_range("ttl_seconds", ttl, 1, limits::MAX_TTL_SECONDS))
         .transpose()?;
+    let (placement, restart_policy) = validate_placement(
+        req.placement,
+        req.restart_policy.as_deref(),
+        &req.labels,
+        allow_strategy_override,
+    )?;
     Ok(SandboxSpec {
         name: req.name,
         image: req.image,
@@ -434,6 +612,8 @@ fn validate_create(req: CreateSandboxRequest) -> Result<SandboxSpec, ApiError> {
         cpu_millis,
         memory_mb,
         ttl_seconds,
+        placement,
+        restart_policy,
     })
 }
 
@@ -592,16 +772,22 @@ async fn create_host_token(
             return Err(ApiError::not_found("host"));
         }
     }
+    if let Some(org_id) = &req.org_id {
+        if state.control_plane.store().get_org(org_id).await?.is_none() {
+            return Err(ApiError::not_found("organisation"));
+        }
+    }
     let issued = state
         .control_plane
         .store()
-        .issue_host_token(&req.name, req.host_id, expires_at)
+        .issue_host_token(&req.name, req.host_id, expires_at, req.org_id)
         .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedHostToken {
             id: issued.record.id,
             host_id: issued.record.host_id,
+            org_id: issued.record.org_id,
             name: issued.record.name,
             prefix: issued.record.prefix,
             token: issued.secret,
@@ -645,29 +831,95 @@ async fn revoke_host_token(
 async fn list_hosts(_: AdminCaller, State(state): State<AppState>) -> ApiResult<Json<HostList>> {
     let hosts = state.control_plane.list_hosts().await?;
     Ok(Json(HostList {
+        hosts: hosts.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/admin/hosts/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody)), tag = "admin")]
+async fn admin_get_host(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    Ok(Json(state.control_plane.get_host(&id).await?.into()))
+}
+
+async fn set_admin(
+    state: &AppState,
+    id: &str,
+    admin: domain::HostAdminState,
+) -> ApiResult<Json<HostView>> {
+    Ok(Json(
+        state.control_plane.set_host_admin(id, admin).await?.into(),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/cordon", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "admin")]
+async fn cordon_host(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    set_admin(&state, &id, domain::HostAdminState::Cordoned).await
+}
+
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/uncordon", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "admin")]
+async fn uncordon_host(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    set_admin(&state, &id, domain::HostAdminState::Active).await
+}
+
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/drain", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "admin")]
+async fn drain_host(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    set_admin(&state, &id, domain::HostAdminState::Draining).await
+}
+
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/decommission", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "conflict: the host still holds sandboxes")), tag = "admin")]
+async fn decommission_host(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    let (view, tokens) = state.control_plane.decommission_host(&id).await?;
+    for token in tokens {
+        state
+            .agent_streams
+            .end_streams_of(&token, "host decommissioned");
+    }
+    Ok(Json(view.into()))
+}
+
+/// Whether an org may see a host: the shared fleet and its own pool.
+fn visible_to(org_id: &str, host: &corral_actors::HostView) -> bool {
+    host.row.org_id.as_deref().is_none_or(|o| o == org_id)
+        && host.row.admin_state != domain::HostAdminState::Decommissioned.as_str()
+}
+
+#[utoipa::path(get, path = "/v1/hosts",
+    responses((status = 200, body = HostList, description = "The shared fleet and the org's private pool")), tag = "org")]
+async fn org_list_hosts(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<HostList>> {
+    let hosts = state.control_plane.list_hosts().await?;
+    Ok(Json(HostList {
         hosts: hosts
             .into_iter()
-            .map(|h| {
-                let allocated = h.capacity.as_ref().map(|c| c.allocated).unwrap_or_default();
-                HostView {
-                    capacity: ResourcesView {
-                        cpu_millis: u64::try_from(h.row.cpu_millis).unwrap_or(0),
-                        memory_mb: u64::try_from(h.row.memory_mb).unwrap_or(0),
-                    },
-                    allocated: ResourcesView {
-                        cpu_millis: allocated.cpu_millis,
-                        memory_mb: allocated.memory_mb,
-                    },
-                    images: serde_json::from_value(h.row.images).unwrap_or_default(),
-                    id: h.row.id,
-                    hostname: h.row.hostname,
-                    state: h.row.state,
-                    runtime: h.row.runtime,
-                    isolated: h.row.isolated,
-                    agent_version: h.row.agent_version,
-                    last_seen_at: h.row.last_seen_at,
-                }
-            })
+            .filter(|h| visible_to(&caller.org_id, h))
+            .map(Into::into)
             .collect(),
     }))
 }
@@ -716,6 +968,20 @@ fn actor_tree_filter(query: Option<String>) -> ApiResult<corral_actors::tree::Tr
 
 /// The live supervision tree, read off the async workers: a tree of
 /// 100,000 actors never holds up a request.
+#[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody)), tag = "org")]
+async fn org_get_host(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    let host = state.control_plane.get_host(&id).await?;
+    if !visible_to(&caller.org_id, &host) {
+        return Err(ApiError::not_found("host"));
+    }
+    Ok(Json(host.into()))
+}
+
 #[utoipa::path(get, path = "/v1/admin/actors",
     params(
         ("kind" = Option<String>, Query, description = "Only actors of this kind (root, scheduler, orgs, fleet, host, connection, sandbox, ledger), with their ancestors"),
@@ -723,7 +989,7 @@ fn actor_tree_filter(query: Option<String>) -> ApiResult<corral_actors::tree::Tr
         ("host_id" = Option<String>, Query, description = "Only actors of this host (the host, its connection and sandboxes), with their ancestors"),
     ),
     responses(
-        (status = 200, description = "The live supervision tree: {kind, id?, status, org_id?, host_id?, uptime_seconds?, restarts, last_error?, children?}"),
+        (status = 200, description = "The live supervision tree: {kind, id?, status, state? (hosts: connection/operator state), org_id?, host_id?, uptime_seconds?, restarts, last_error?, children?}"),
         (status = 400, body = ErrorBody)), tag = "admin")]
 async fn actor_tree(
     _: AdminCaller,
@@ -731,17 +997,9 @@ async fn actor_tree(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<corral_actors::tree::ActorNode>> {
     let filter = actor_tree_filter(query)?;
-    let cp = state.control_plane.clone();
-    let tree = tokio::task::spawn_blocking(move || cp.actor_tree_filtered(&filter))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
-        })?;
-    Ok(Json(tree))
+    Ok(Json(
+        state.control_plane.actor_tree_with_states(filter).await?,
+    ))
 }
 
 // ---- handlers: org --------------------------------------------------------
@@ -818,7 +1076,10 @@ async fn create_sandbox(
     Query(q): Query<WaitQuery>,
     ApiJson(req): ApiJson<CreateSandboxRequest>,
 ) -> ApiResult<(StatusCode, Json<SandboxView>)> {
-    let spec = validate_create(req)?;
+    let spec = validate_create(
+        req,
+        state.control_plane.scheduling().allow_strategy_override,
+    )?;
     let row = state
         .control_plane
         .create_sandbox(&caller.org_id, spec, q.wait)
@@ -1103,7 +1364,8 @@ async fn no_route() -> ApiError {
 #[openapi(
     info(title = "Corral", description = "Sandbox orchestrator REST API. Authenticate with `Authorization: Bearer <API key>` (org routes) or the platform admin token (admin routes)."),
     paths(healthz, readyz, create_org, list_orgs, create_host_token, list_host_tokens,
-        revoke_host_token, list_hosts, actor_tree, create_api_key, list_api_keys, revoke_api_key,
+        revoke_host_token, list_hosts, admin_get_host, cordon_host, uncordon_host, drain_host,
+        decommission_host, org_list_hosts, org_get_host, actor_tree, create_api_key, list_api_keys, revoke_api_key,
         billing::get_billing, billing::get_ledger, billing::get_usage, billing::credit_org,
         billing::get_org_billing, billing::set_org_billing, billing::create_plan, billing::list_plans,
         billing::audit, org_audit, admin_audit, crate::events::events,
@@ -1136,6 +1398,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/host-tokens/{id}", delete(revoke_host_token))
         .route("/v1/admin/hosts", get(list_hosts))
+        .route("/v1/admin/hosts/{id}", get(admin_get_host))
+        .route("/v1/admin/hosts/{id}/cordon", post(cordon_host))
+        .route("/v1/admin/hosts/{id}/uncordon", post(uncordon_host))
+        .route("/v1/admin/hosts/{id}/drain", post(drain_host))
+        .route("/v1/admin/hosts/{id}/decommission", post(decommission_host))
+        .route("/v1/hosts", get(org_list_hosts))
+        .route("/v1/hosts/{id}", get(org_get_host))
         .route("/v1/admin/actors", get(actor_tree))
         .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
         .route("/v1/api-keys/{id}", delete(revoke_api_key))

@@ -113,6 +113,25 @@ pub struct ServerConfig {
     /// over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set).
     #[arg(long, env = "CORRAL_LOG_FORMAT", default_value = "text")]
     pub log_format: corral_telemetry::LogFormat,
+    /// CPU kept back on every host for the system, in thousandths of a core.
+    #[arg(long, env = "CORRAL_RESERVE_CPU_MILLIS", default_value_t = 0)]
+    pub reserve_cpu_millis: u64,
+    /// Memory kept back on every host for the system, in MiB.
+    #[arg(long, env = "CORRAL_RESERVE_MEMORY_MB", default_value_t = 0)]
+    pub reserve_memory_mb: u64,
+    /// Reservations may reach a host's allocatable capacity times this
+    /// (1.0: no overcommit).
+    #[arg(long, env = "CORRAL_OVERCOMMIT", default_value_t = 1.0)]
+    pub overcommit: f64,
+    /// How hosts are chosen: `spread` (least loaded) or `binpack`.
+    #[arg(long, env = "CORRAL_PLACEMENT_STRATEGY", default_value = "spread")]
+    pub placement_strategy: String,
+    /// Refuse requests that choose their own placement strategy.
+    #[arg(long, env = "CORRAL_NO_STRATEGY_OVERRIDE")]
+    pub no_strategy_override: bool,
+    /// Hosts a create is tried on when hosts fail it (runtime errors).
+    #[arg(long, env = "CORRAL_MAX_CREATE_ATTEMPTS", default_value_t = 3)]
+    pub max_create_attempts: u32,
 }
 
 impl ServerConfig {
@@ -145,6 +164,12 @@ impl ServerConfig {
             client_ca: None,
             allow_plaintext: false,
             log_format: corral_telemetry::LogFormat::Text,
+            reserve_cpu_millis: 0,
+            reserve_memory_mb: 0,
+            overcommit: 1.0,
+            placement_strategy: "spread".into(),
+            no_strategy_override: false,
+            max_create_attempts: 3,
         }
     }
 
@@ -198,6 +223,30 @@ impl ServerConfig {
                 self.data_dir.join("corral.db").display()
             ),
         }
+    }
+
+    /// The scheduling flags, checked.
+    pub fn scheduling(&self) -> anyhow::Result<corral_actors::actors::scheduler::SchedulingPolicy> {
+        let strategy = corral_actors::domain::PlacementStrategy::parse(&self.placement_strategy)
+            .ok_or_else(|| anyhow::anyhow!("--placement-strategy must be spread or binpack"))?;
+        anyhow::ensure!(
+            self.overcommit.is_finite() && (1.0..=100.0).contains(&self.overcommit),
+            "--overcommit must be between 1.0 and 100.0"
+        );
+        anyhow::ensure!(
+            (1..=20).contains(&self.max_create_attempts),
+            "--max-create-attempts must be between 1 and 20"
+        );
+        Ok(corral_actors::actors::scheduler::SchedulingPolicy {
+            reserve: corral_actors::domain::Resources {
+                cpu_millis: self.reserve_cpu_millis,
+                memory_mb: self.reserve_memory_mb,
+            },
+            overcommit: self.overcommit,
+            strategy,
+            allow_strategy_override: !self.no_strategy_override,
+            max_create_attempts: self.max_create_attempts,
+        })
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -336,6 +385,7 @@ impl Server {
             database_url: config.database_url(),
             timeouts,
             billing,
+            scheduling: config.scheduling()?,
         })
         .await
         .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;

@@ -238,6 +238,44 @@ impl TestServer {
         .await;
     }
 
+    /// Starts an in-process agent on the fake runtime with host `labels`,
+    /// on a token of `org_id`'s private pool if given (issued through the
+    /// admin API), and waits until its host is schedulable.
+    pub async fn fake_agent_labeled(
+        &self,
+        cpu_millis: u32,
+        memory_mb: u64,
+        fake: FakeConfig,
+        labels: &[(&str, &str)],
+        org_id: Option<&str>,
+    ) -> InProcessAgent {
+        let mut request = json!({ "name": "fake" });
+        if let Some(org) = org_id {
+            request["org_id"] = json!(org);
+        }
+        let (status, body) = self.admin().post("/v1/admin/host-tokens", request).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let host_id = body["host_id"].as_str().expect("host id").to_string();
+        let token = body["token"].as_str().expect("token").to_string();
+        let config = AgentConfig {
+            control_plane_url: self.server.grpc_url(),
+            token,
+            hostname: "fake-host".into(),
+            cpu_millis,
+            memory_mb,
+            max_concurrent_commands: 64,
+            poll_interval: Duration::from_millis(200),
+            tls: Default::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let agent = InProcessAgent::start_config(&host_id, config, fake);
+        self.wait_host_ready(&host_id).await;
+        agent
+    }
+
     /// Starts an in-process agent on the fake runtime and waits until its
     /// host is schedulable.
     pub async fn fake_agent(
@@ -311,7 +349,13 @@ impl InProcessAgent {
             max_concurrent_commands: 64,
             poll_interval: Duration::from_millis(200),
             tls,
+            labels: Default::default(),
         };
+        Self::start_config(host_id, config, fake)
+    }
+
+    /// Starts an agent with a full config (labels, capacity, TLS).
+    pub fn start_config(host_id: &str, config: AgentConfig, fake: FakeConfig) -> Self {
         let runtime = FakeRuntime::new(fake);
         let (shutdown, task) = Self::spawn(&config, &runtime);
         Self {

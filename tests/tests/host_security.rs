@@ -138,6 +138,7 @@ async fn lying_agent(
             images: vec!["busybox".into()],
             inventory: vec![claimed(pb::SandboxPhase::Stopped)],
             max_concurrent_commands: 8,
+            labels: Default::default(),
         }),
         0,
     ))

@@ -74,6 +74,8 @@ fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
         updated_at: now,
         started_at: None,
         expires_at: None,
+        restart_policy: "never".into(),
+        placement: None,
     }
 }
 

@@ -30,6 +30,16 @@ pub enum FleetMsg {
     },
     /// The HostActor of a host, if the host is known.
     GetHost(String, RpcReplyPort<Option<ActorRef<HostMsg>>>),
+    /// A sandbox was placed again on `host_id` (its row says so): start
+    /// its actor there.
+    Relocated {
+        host_id: String,
+        row: crate::store::sandbox::Model,
+        tried: std::collections::BTreeSet<String>,
+        waiter: Option<RpcReplyPort<super::sandbox::SandboxReply>>,
+    },
+    /// A decommissioned host's actor stops (its row stays, as history).
+    Forget(String),
 }
 
 pub struct FleetArgs {
@@ -39,6 +49,8 @@ pub struct FleetArgs {
     pub timeouts: Timeouts,
     pub prefix: String,
     pub metrics: Metrics,
+    /// Hosts a create is tried on before it fails.
+    pub max_create_attempts: u32,
 }
 
 pub struct FleetState {
@@ -68,6 +80,9 @@ impl Actor for FleetSupervisor {
         };
         // No agent is connected to a control plane that just started.
         for host in state.args.store.list_hosts().await? {
+            if host.admin_state == crate::domain::HostAdminState::Decommissioned.as_str() {
+                continue;
+            }
             if host.state != HostState::Disconnected.as_str()
                 && host.state != HostState::Offline.as_str()
             {
@@ -93,6 +108,7 @@ impl Actor for FleetSupervisor {
                         cpu_millis: u64::try_from(row.cpu_millis).unwrap_or(0),
                         memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
                     },
+                    group: super::scheduler::group_of(&row),
                 })?;
             }
             host.cast(HostMsg::SpawnSandbox {
@@ -139,6 +155,28 @@ impl Actor for FleetSupervisor {
             },
             FleetMsg::GetHost(host_id, reply) => {
                 let _ = reply.send(state.hosts.get(&host_id).cloned());
+            }
+            FleetMsg::Relocated {
+                host_id,
+                row,
+                tried,
+                waiter,
+            } => match self.host_actor(&myself, state, &host_id).await {
+                Ok(host) => {
+                    let _ = host.cast(HostMsg::Relocated { row, tried, waiter });
+                }
+                Err(err) => {
+                    tracing::error!(host.id = %host_id, sandbox.id = %row.id, error = %err, "no actor for the new host of a moved sandbox");
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(Err(CorralError::HostUnavailable));
+                    }
+                }
+            },
+            FleetMsg::Forget(host_id) => {
+                if let Some(host) = state.hosts.remove(&host_id) {
+                    state.by_actor.remove(&host.get_id());
+                    host.stop(Some("decommissioned".into()));
+                }
             }
         }
         Ok(())
@@ -226,6 +264,8 @@ impl FleetSupervisor {
                 timeouts: state.args.timeouts.clone(),
                 prefix: state.args.prefix.clone(),
                 metrics: state.args.metrics.clone(),
+                fleet: myself.clone(),
+                max_create_attempts: state.args.max_create_attempts,
             },
             myself.get_cell(),
         )

@@ -22,11 +22,12 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::sync::mpsc;
 
 use super::connection::{ConnMsg, ConnectionActor, ConnectionArgs, HostReply};
+use super::fleet::FleetMsg;
 use super::sandbox::{SandboxActor, SandboxArgs, SandboxMsg, SandboxReply};
-use super::scheduler::SchedulerMsg;
+use super::scheduler::{HostInfo, SchedulerMsg};
 use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
-use crate::domain::{HostState, Resources, SandboxState};
+use crate::domain::{HostAdminState, HostState, Resources, SandboxState};
 use crate::error::CorralError;
 use crate::metrics::Metrics;
 use crate::store::{sandbox, HostRegistration, Store};
@@ -80,6 +81,19 @@ pub enum HostMsg {
         sandbox_id: String,
         ok: bool,
     },
+    /// Start the actor of a sandbox that moved here from another host
+    /// (a new placement of the same sandbox), with the hosts that already
+    /// failed it.
+    Relocated {
+        row: sandbox::Model,
+        tried: std::collections::BTreeSet<String>,
+        waiter: Option<RpcReplyPort<SandboxReply>>,
+    },
+    /// Operators changed the host's state; answers with the saved row.
+    SetAdmin {
+        admin: HostAdminState,
+        reply: RpcReplyPort<Result<crate::store::host::Model, CorralError>>,
+    },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -93,6 +107,10 @@ pub struct HostArgs {
     pub timeouts: Timeouts,
     pub prefix: String,
     pub metrics: Metrics,
+    /// Where a sandbox that moves to another host goes.
+    pub fleet: ActorRef<FleetMsg>,
+    /// Hosts a create is tried on before it fails.
+    pub max_create_attempts: u32,
 }
 
 pub struct HostActorState {
@@ -187,7 +205,38 @@ impl Actor for HostActor {
                     let _ = reply.send(result);
                 }
             }
-            HostMsg::Heartbeat(_heartbeat) => {}
+            HostMsg::Heartbeat(heartbeat) => {
+                if let Some(usage) = heartbeat.usage {
+                    let _ = state.args.scheduler.cast(SchedulerMsg::Usage {
+                        host_id: state.args.host_id.clone(),
+                        usage: Resources {
+                            cpu_millis: u64::from(usage.cpu_millis),
+                            memory_mb: usage.memory_mb,
+                        },
+                    });
+                }
+            }
+            HostMsg::Relocated { row, tried, waiter } => {
+                let id = row.id.clone();
+                if let Err(err) = self
+                    .spawn_sandbox_with(
+                        &myself,
+                        state,
+                        row,
+                        false,
+                        waiter,
+                        tried,
+                        tracing::Span::none(),
+                    )
+                    .await
+                {
+                    tracing::error!(host.id = %state.args.host_id, sandbox.id = %id, error = %err, "could not start the actor of a moved sandbox");
+                }
+            }
+            HostMsg::SetAdmin { admin, reply } => {
+                let result = self.set_admin(state, admin).await;
+                let _ = reply.send(result);
+            }
             HostMsg::AgentEvent(event) => {
                 let Some(status) = event.status else {
                     return Ok(());
@@ -333,7 +382,7 @@ impl HostActor {
         let host_id = state.args.host_id.clone();
         // The row first: a host is only visible once it is persisted, and the
         // write does not depend on the stream's lifetime (LESSONS 8).
-        state
+        let row = state
             .args
             .store
             .upsert_host(&host_id, &registration)
@@ -365,9 +414,16 @@ impl HostActor {
         state.connection = Some((state.generation, conn.clone()));
         let _ = state.args.scheduler.cast(SchedulerMsg::HostUp {
             host_id: host_id.clone(),
-            allocatable: Resources {
-                cpu_millis: registration.cpu_millis,
-                memory_mb: registration.memory_mb,
+            info: HostInfo {
+                reported: Resources {
+                    cpu_millis: registration.cpu_millis,
+                    memory_mb: registration.memory_mb,
+                },
+                labels: registration.labels.clone(),
+                runtime: registration.runtime.clone(),
+                images: registration.images.clone(),
+                pool: row.org_id.clone(),
+                admin: Some(HostAdminState::parse(&row.admin_state).unwrap_or_default()),
             },
         });
         tracing::info!(host.id = %host_id, generation = state.generation, runtime = %registration.runtime, "host connected");
@@ -574,6 +630,29 @@ impl HostActor {
         }
     }
 
+    /// Records an operator decision and applies it: the scheduler stops
+    /// (or resumes) placing here, and a drain moves or stops every sandbox
+    /// on the host according to its restart policy.
+    async fn set_admin(
+        &self,
+        state: &mut HostActorState,
+        admin: HostAdminState,
+    ) -> Result<crate::store::host::Model, CorralError> {
+        let host_id = state.args.host_id.clone();
+        let row = state.args.store.set_host_admin(&host_id, admin).await?;
+        let _ = state.args.scheduler.cast(SchedulerMsg::SetAdmin {
+            host_id: host_id.clone(),
+            admin,
+        });
+        tracing::info!(host.id = %host_id, admin = %admin, "host state changed by an operator");
+        if admin == HostAdminState::Draining {
+            for sandbox in state.sandboxes.values() {
+                let _ = sandbox.cast(SandboxMsg::Drain);
+            }
+        }
+        Ok(row)
+    }
+
     async fn restart_sandbox(
         &self,
         myself: &ActorRef<HostMsg>,
@@ -630,6 +709,20 @@ impl HostActor {
         waiter: Option<RpcReplyPort<SandboxReply>>,
         span: tracing::Span,
     ) -> Result<ActorRef<SandboxMsg>, CorralError> {
+        self.spawn_sandbox_with(myself, state, row, insert, waiter, Default::default(), span)
+            .await
+    }
+
+    async fn spawn_sandbox_with(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        row: sandbox::Model,
+        insert: bool,
+        waiter: Option<RpcReplyPort<SandboxReply>>,
+        tried: std::collections::BTreeSet<String>,
+        span: tracing::Span,
+    ) -> Result<ActorRef<SandboxMsg>, CorralError> {
         let id = row.id.clone();
         let org_id = row.org_id.clone();
         if let Some(existing) = state.sandboxes.get(&id) {
@@ -651,6 +744,9 @@ impl HostActor {
                 metrics: state.args.metrics.clone(),
                 waiter,
                 span,
+                fleet: state.args.fleet.clone(),
+                max_create_attempts: state.args.max_create_attempts,
+                tried,
             },
             myself.get_cell(),
         )
@@ -700,6 +796,8 @@ mod tests {
             updated_at: now,
             started_at: None,
             expires_at: None,
+            restart_policy: "never".into(),
+            placement: None,
         }
     }
 

@@ -6,7 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 
 use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
 use super::ledger::{BillingContext, BillingHook, OrgsArgs, OrgsMsg, OrgsSupervisor};
-use super::scheduler::{Scheduler, SchedulerMsg};
+use super::scheduler::{Scheduler, SchedulerMsg, SchedulingPolicy};
 use super::{names, Timeouts};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -29,6 +29,7 @@ pub struct RootArgs {
     pub metrics: Metrics,
     pub billing: crate::billing::BillingPolicy,
     pub billing_hook: std::sync::Arc<dyn BillingHook>,
+    pub scheduling: SchedulingPolicy,
 }
 
 pub struct RootSupervisor;
@@ -46,7 +47,7 @@ impl Actor for RootSupervisor {
         let (scheduler, _) = Actor::spawn_linked(
             Some(names::singleton(&args.prefix, names::SCHEDULER)),
             Scheduler,
-            (),
+            args.scheduling.clone(),
             myself.get_cell(),
         )
         .await?;
@@ -75,6 +76,7 @@ impl Actor for RootSupervisor {
                 timeouts: args.timeouts,
                 prefix: args.prefix,
                 metrics: args.metrics.clone(),
+                max_create_attempts: args.scheduling.max_create_attempts,
             },
             myself.get_cell(),
         )

@@ -26,11 +26,14 @@ use corral_proto::pb;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::Instrument;
 
+use std::collections::BTreeSet;
+
+use super::fleet::FleetMsg;
 use super::host::HostMsg;
 use super::ledger::{metered_phase, LedgerMsg, OrgsMsg};
 use super::scheduler::SchedulerMsg;
 use super::Timeouts;
-use crate::domain::{DesiredState, ExecOutcome, ExecSpec, SandboxState};
+use crate::domain::{DesiredState, ExecOutcome, ExecSpec, RestartPolicy, SandboxState};
 use crate::error::{CorralError, HostErrorCode};
 use crate::metrics::Metrics;
 use crate::store::{sandbox, Store};
@@ -69,6 +72,9 @@ pub enum SandboxMsg {
     },
     /// The host's offline grace ran out.
     HostOffline,
+    /// The host is being drained: move the sandbox to another host
+    /// (`on_host_loss`) or stop it (`never`).
+    Drain,
     /// The TTL timer fired.
     Expire,
     /// Fault injection for the supervision tests: panic in the handler.
@@ -92,6 +98,24 @@ pub struct SandboxArgs {
     pub waiter: Option<RpcReplyPort<SandboxReply>>,
     /// The creator's span: the first convergence joins its trace.
     pub span: tracing::Span,
+    /// Where the sandbox goes when it moves to another host.
+    pub fleet: ActorRef<FleetMsg>,
+    /// Hosts a create is tried on before it fails.
+    pub max_create_attempts: u32,
+    /// Hosts that already failed this sandbox's create (or were lost or
+    /// drained under it).
+    pub tried: BTreeSet<String>,
+}
+
+/// Why a sandbox is being placed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Relocation {
+    /// Its host refused the create for a reason of its own.
+    CreateFailed(String),
+    /// Its host went offline.
+    HostLost,
+    /// Its host is being drained.
+    Drain,
 }
 
 pub struct SandboxActorState {
@@ -115,6 +139,11 @@ pub struct SandboxActorState {
     /// traced under it (retries and reconciliation start traces of their
     /// own).
     parent: Option<tracing::Span>,
+    fleet: ActorRef<FleetMsg>,
+    max_create_attempts: u32,
+    tried: BTreeSet<String>,
+    /// Set by a step that decided the sandbox must go to another host.
+    relocating: Option<Relocation>,
 }
 
 pub struct SandboxActor;
@@ -226,6 +255,10 @@ impl Actor for SandboxActor {
             retry_scheduled: false,
             waiter: args.waiter,
             parent: Some(args.span),
+            fleet: args.fleet,
+            max_create_attempts: args.max_create_attempts,
+            tried: args.tried,
+            relocating: None,
         })
     }
 
@@ -255,7 +288,10 @@ impl Actor for SandboxActor {
                 state.retry_scheduled = false;
                 let result = self.converge(&myself, state).await;
                 state.parent = None;
-                if let Some(reply) = reply {
+                if let Some(cause) = state.relocating.take() {
+                    // The creator hears from the sandbox's next host.
+                    self.relocate(&myself, state, cause, reply).await;
+                } else if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
@@ -270,7 +306,11 @@ impl Actor for SandboxActor {
                     Err(e) => Err(e),
                 };
                 state.parent = None;
-                let _ = reply.send(result);
+                if let Some(cause) = state.relocating.take() {
+                    self.relocate(&myself, state, cause, Some(reply)).await;
+                } else {
+                    let _ = reply.send(result);
+                }
             }
             SandboxMsg::SetDesiredNoWait {
                 desired,
@@ -299,7 +339,14 @@ impl Actor for SandboxActor {
                     self.observe(&myself, state, status, &reason).await;
                 }
             }
-            SandboxMsg::HostOffline => self.host_offline(state).await,
+            SandboxMsg::HostOffline => {
+                self.host_offline(state).await;
+                if self.moves_on_host_loss(state) {
+                    self.relocate(&myself, state, Relocation::HostLost, None)
+                        .await;
+                }
+            }
+            SandboxMsg::Drain => self.drain(&myself, state).await,
             SandboxMsg::Expire => self.expire(&myself, state).await,
             SandboxMsg::InjectPanic => panic!("injected fault in sandbox {}", state.row.id),
         }
@@ -351,6 +398,9 @@ impl SandboxActor {
                 corral_telemetry::mark_failed(&span, &err.to_string());
             }
             if let Err(err) = result {
+                if state.relocating.is_some() {
+                    return Err(err);
+                }
                 // Whatever failed (host fault, refused start or stop, the
                 // database), a step left half-way is retried with backoff
                 // until its deadline, then given up: nothing stays stuck.
@@ -474,6 +524,15 @@ impl SandboxActor {
             Err(err) if err.is_host_fault() => Err(err),
             Err(err) => {
                 match step {
+                    // The host failed the create for a reason of its own
+                    // (not the request's): try another host.
+                    Step::Create
+                        if create_failure_is_the_hosts(&err)
+                            && state.tried.len() + 1 < state.max_create_attempts as usize =>
+                    {
+                        state.relocating = Some(Relocation::CreateFailed(failure_reason(&err)));
+                        return Err(err);
+                    }
                     // The host refused to create it: the sandbox cannot run.
                     Step::Create => {
                         row.state = SandboxState::Failed.as_str().to_string();
@@ -645,6 +704,7 @@ impl SandboxActor {
             memory_mb: u64::try_from(state.row.memory_mb).unwrap_or(0),
         };
         let sandbox_id = state.row.id.clone();
+        let group = super::scheduler::group_of(&state.row);
         let admitted = matches!(
             state
                 .scheduler
@@ -653,6 +713,7 @@ impl SandboxActor {
                         sandbox_id,
                         host_id,
                         resources,
+                        group,
                         reply,
                     },
                     Some(Duration::from_secs(10)),
@@ -697,6 +758,129 @@ impl SandboxActor {
                 tracing::error!(sandbox.id = %state.row.id, error = %err, "could not record the host offline")
             }
         }
+    }
+
+    fn moves_on_host_loss(&self, state: &SandboxActorState) -> bool {
+        RestartPolicy::parse(&state.row.restart_policy) == Some(RestartPolicy::OnHostLoss)
+            && desired_of(&state.row) != DesiredState::Destroyed
+            && state_of(&state.row) != SandboxState::Failed
+            && state_of(&state.row) != SandboxState::Destroyed
+    }
+
+    /// The host is drained: `on_host_loss` sandboxes move, the others stop.
+    async fn drain(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        if self.moves_on_host_loss(state) {
+            self.relocate(myself, state, Relocation::Drain, None).await;
+            return;
+        }
+        self.stop_for_drain(myself, state).await;
+    }
+
+    async fn stop_for_drain(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        if desired_of(&state.row) == DesiredState::Running
+            && !matches!(
+                state_of(&state.row),
+                SandboxState::Failed | SandboxState::Lost
+            )
+        {
+            tracing::info!(sandbox.id = %state.row.id, "host drained; stopping the sandbox");
+            if let Err(err) = self.set_desired(state, DesiredState::Stopped).await {
+                tracing::error!(sandbox.id = %state.row.id, error = %err, "could not stop a sandbox of a drained host");
+                return;
+            }
+            let _ = myself.cast(SandboxMsg::Converge(None));
+        }
+    }
+
+    /// Places the sandbox again, on another host than the ones that failed
+    /// it, and hands it over to that host (same id, state `scheduled`);
+    /// this actor then stops. When nothing can take it, it fails (create),
+    /// stays lost (host lost) or stops (drain).
+    async fn relocate(
+        &self,
+        myself: &ActorRef<SandboxMsg>,
+        state: &mut SandboxActorState,
+        cause: Relocation,
+        reply: Option<RpcReplyPort<SandboxReply>>,
+    ) {
+        let old_host = state.row.host_id.clone().unwrap_or_default();
+        state.tried.insert(old_host.clone());
+        let mut request = super::scheduler::request_for(&state.row);
+        request.exclude = state.tried.clone();
+        let sandbox_id = state.row.id.clone();
+        let placed = match state
+            .scheduler
+            .call(
+                |reply| SchedulerMsg::Place {
+                    sandbox_id,
+                    request,
+                    reply,
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(CorralError::Internal("scheduler unavailable".into())),
+        };
+        let new_host = match placed {
+            Ok(host) => host,
+            Err(err) => {
+                tracing::warn!(sandbox.id = %state.row.id, ?cause, error = %err, "no other host can take the sandbox");
+                let result = match cause {
+                    Relocation::CreateFailed(reason) => {
+                        let mut row = state.row.clone();
+                        row.state = SandboxState::Failed.as_str().to_string();
+                        row.failure_reason = Some(format!(
+                            "{reason} (tried {} host(s); no other host can take it: {err})",
+                            state.tried.len()
+                        ));
+                        let saved = self.persist(state, row).await;
+                        self.release(state);
+                        saved
+                    }
+                    Relocation::HostLost => Ok(state.row.clone()),
+                    Relocation::Drain => {
+                        self.stop_for_drain(myself, state).await;
+                        Ok(state.row.clone())
+                    }
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+                return;
+            }
+        };
+        if cause != Relocation::HostLost {
+            // Whatever the old host holds of it goes (best effort; the
+            // orphan collector removes what is left).
+            self.discard_on_host(state);
+        }
+        let mut row = state.row.clone();
+        row.host_id = Some(new_host.clone());
+        row.state = SandboxState::Scheduled.as_str().to_string();
+        row.exit_code = None;
+        row.failure_reason = Some(match &cause {
+            Relocation::CreateFailed(reason) => format!("moved from host {old_host}: {reason}"),
+            Relocation::HostLost => format!("moved from host {old_host}: the host was lost"),
+            Relocation::Drain => format!("moved from host {old_host}: the host was drained"),
+        });
+        if let Err(err) = self.persist(state, row).await {
+            tracing::error!(sandbox.id = %state.row.id, error = %err, "could not record the new placement");
+            self.release(state);
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(err));
+            }
+            return;
+        }
+        tracing::info!(sandbox.id = %state.row.id, from = %old_host, to = %new_host, ?cause, "sandbox placed on another host");
+        let _ = state.fleet.cast(FleetMsg::Relocated {
+            host_id: new_host,
+            row: state.row.clone(),
+            tried: state.tried.clone(),
+            waiter: reply,
+        });
+        myself.stop(Some("moved to another host".into()));
     }
 
     /// The TTL ran out: the sandbox is to be destroyed.
@@ -868,6 +1052,19 @@ pub fn observation(recorded: SandboxState, observed: SandboxState) -> Observatio
         (_, S::Creating) => Observation::Transitional,
         _ => Observation::Differs,
     }
+}
+
+/// Whether a create the host refused says something about the host (its
+/// runtime failed) rather than about the request (an unknown image, an
+/// invalid argument): only the former is worth another host.
+fn create_failure_is_the_hosts(err: &CorralError) -> bool {
+    matches!(
+        err,
+        CorralError::Host {
+            code: HostErrorCode::Runtime | HostErrorCode::Unsupported,
+            ..
+        }
+    )
 }
 
 fn failure_reason(err: &CorralError) -> String {

@@ -1,137 +1,96 @@
-//! The Scheduler: the control plane's view of every host's capacity and the
-//! reservations taken against it. Placement and reservation happen in one
-//! message, so no two concurrent creates can both take the last slot, and a
-//! host is never given more than it reported (LESSONS 20, 21).
+//! The Scheduler: the control plane's view of every host's capacity, labels,
+//! pool and operator state, and the reservations taken against it.
+//! Placement and reservation happen in one message, so no two concurrent
+//! creates can both take the last slot, and a host is never given more than
+//! its allocatable capacity (what it reported, less the configured reserve,
+//! times the overcommit ratio; LESSONS 20, 21).
 //!
-//! The decision itself is the pure function [`choose_host`].
+//! The decision itself is the pure [`crate::placement::choose`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::domain::Resources;
+use crate::domain::{HostAdminState, Placement, PlacementStrategy, Resources};
 use crate::error::CorralError;
+pub use crate::placement::HostCapacity;
+use crate::placement::{self, Fleet, MapFleet, PlacementRequest, Rng};
+use crate::store::sandbox;
 
-/// One host as the scheduler sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostCapacity {
-    /// What the host reported it can give to sandboxes.
-    pub allocatable: Resources,
-    /// The sum of the reservations on it.
-    pub allocated: Resources,
-    /// False while the host is disconnected (or, later, cordoned).
-    pub schedulable: bool,
+/// How the deployment places sandboxes (`corral server` flags).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulingPolicy {
+    /// Kept back on every host for the system (`--reserve-cpu-millis`,
+    /// `--reserve-memory-mb`).
+    pub reserve: Resources,
+    /// Reservations may reach allocatable x this (`--overcommit`, >= 1.0
+    /// overcommits, 1.0 by default).
+    pub overcommit: f64,
+    /// `--placement-strategy`.
+    pub strategy: PlacementStrategy,
+    /// Whether a request may choose its own strategy
+    /// (`--no-strategy-override` turns it off).
+    pub allow_strategy_override: bool,
+    /// Hosts a create is tried on when hosts fail it
+    /// (`--max-create-attempts`).
+    pub max_create_attempts: u32,
 }
 
-impl HostCapacity {
-    pub fn free(&self) -> Resources {
-        Resources {
-            cpu_millis: self
-                .allocatable
-                .cpu_millis
-                .saturating_sub(self.allocated.cpu_millis),
-            memory_mb: self
-                .allocatable
-                .memory_mb
-                .saturating_sub(self.allocated.memory_mb),
+impl Default for SchedulingPolicy {
+    fn default() -> Self {
+        Self {
+            reserve: Resources::default(),
+            overcommit: 1.0,
+            strategy: PlacementStrategy::Spread,
+            allow_strategy_override: true,
+            max_create_attempts: 3,
         }
     }
 }
 
-/// Picks the host for `request` with the `spread` strategy: among the hosts
-/// that can take it, the one left with the largest free share of its
-/// tightest resource. Ties go to the lowest host id, so the choice is
-/// deterministic. Returns the largest free slot when nothing fits.
-pub fn choose_host<'a, I>(hosts: I, request: Resources) -> Result<&'a String, CorralError>
-where
-    I: IntoIterator<Item = (&'a String, &'a HostCapacity)>,
-    I::IntoIter: Clone,
-{
-    let hosts = hosts.into_iter();
-    let mut best: Option<(&String, u64)> = None;
-    for (id, host) in hosts.clone() {
-        if !host.schedulable {
-            continue;
-        }
-        let free = host.free();
-        if !request.fits_in(free) {
-            continue;
-        }
-        // Free share after placement, in parts per million, of the tighter
-        // of the two resources.
-        let score = ppm(
-            free.cpu_millis - request.cpu_millis,
-            host.allocatable.cpu_millis,
-        )
-        .min(ppm(
-            free.memory_mb - request.memory_mb,
-            host.allocatable.memory_mb,
-        ));
-        let better = match best {
-            None => true,
-            Some((best_id, best_score)) => {
-                score > best_score || (score == best_score && id < best_id)
-            }
-        };
-        if better {
-            best = Some((id, score));
-        }
-    }
-    if let Some((id, _)) = best {
-        return Ok(id);
-    }
-    // Nothing fits: say how close the best slot came. Only this path pays
-    // for it (a second pass), not every placement.
-    // The free slot closest to fitting the request: the one that covers the
-    // largest share of its scarcer resource.
-    let coverage = |free: Resources| -> u64 {
-        let part = |have: u64, want: u64| {
-            if want == 0 {
-                u64::MAX
-            } else {
-                ppm(have, want)
-            }
-        };
-        part(free.cpu_millis, request.cpu_millis).min(part(free.memory_mb, request.memory_mb))
-    };
-    let mut largest_free: Option<(Resources, u64)> = None;
-    for (_, host) in hosts {
-        if !host.schedulable {
-            continue;
-        }
-        let free = host.free();
-        let covers = coverage(free);
-        if largest_free.is_none_or(|(_, l)| covers > l) {
-            largest_free = Some((free, covers));
-        }
-    }
-    let largest_free = largest_free.map(|(free, _)| free).unwrap_or_default();
-    Err(CorralError::NoCapacity {
-        requested_cpu_millis: u32::try_from(request.cpu_millis).unwrap_or(u32::MAX),
-        requested_memory_mb: request.memory_mb,
-        largest_free_cpu_millis: largest_free.cpu_millis,
-        largest_free_memory_mb: largest_free.memory_mb,
-    })
+/// What a host told the scheduler at registration.
+#[derive(Debug, Clone, Default)]
+pub struct HostInfo {
+    /// The capacity the agent reported (before reserve and overcommit).
+    pub reported: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub runtime: String,
+    pub images: Vec<String>,
+    pub pool: Option<String>,
+    pub admin: Option<HostAdminState>,
 }
 
-/// `part / whole` in parts per million (0 for an empty whole), in 64-bit
-/// arithmetic unless `part` is too large for it: 128-bit division costs
-/// several times more and placement runs it for every host.
-fn ppm(part: u64, whole: u64) -> u64 {
-    if whole == 0 {
-        return 0;
-    }
-    match part.checked_mul(1_000_000) {
-        Some(scaled) => scaled / whole,
-        None => u64::try_from(u128::from(part) * 1_000_000 / u128::from(whole)).unwrap_or(u64::MAX),
+/// The anti-affinity group of a sandbox row (`key=value`), if it has one.
+pub fn group_of(row: &sandbox::Model) -> Option<String> {
+    request_for(row).group()
+}
+
+/// The placement request of an existing sandbox (to place it again).
+pub fn request_for(row: &sandbox::Model) -> PlacementRequest {
+    PlacementRequest {
+        org_id: row.org_id.clone(),
+        resources: Resources {
+            cpu_millis: u64::try_from(row.cpu_millis).unwrap_or(0),
+            memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
+        },
+        image: row.image.clone(),
+        labels: serde_json::from_value(row.labels.clone()).unwrap_or_default(),
+        placement: row
+            .placement
+            .clone()
+            .and_then(|p| serde_json::from_value::<Placement>(p).ok())
+            .unwrap_or_default(),
+        ..Default::default()
     }
 }
 
 pub enum SchedulerMsg {
-    /// Choose a host for the sandbox and reserve the resources on it.
+    /// Choose a host for the sandbox and reserve the resources on it. A
+    /// sandbox that already holds a reservation moves it (kept where it was
+    /// if nothing else fits).
     Place {
         sandbox_id: String,
-        resources: Resources,
+        request: PlacementRequest,
         reply: RpcReplyPort<Result<String, CorralError>>,
     },
     /// Give back a sandbox's reservation (idempotent).
@@ -141,6 +100,7 @@ pub enum SchedulerMsg {
         sandbox_id: String,
         host_id: String,
         resources: Resources,
+        group: Option<String>,
     },
     /// Take back a sandbox that returned on `host_id` after it was lost:
     /// reserve for it there if it still fits; answers whether it did.
@@ -148,15 +108,22 @@ pub enum SchedulerMsg {
         sandbox_id: String,
         host_id: String,
         resources: Resources,
+        group: Option<String>,
         reply: RpcReplyPort<bool>,
     },
-    /// A host registered (again) with this much allocatable capacity.
-    HostUp {
-        host_id: String,
-        allocatable: Resources,
-    },
-    /// A host can take no new placements.
+    /// A host registered (again).
+    HostUp { host_id: String, info: HostInfo },
+    /// A host's connection ended: no new placements.
     HostDown { host_id: String },
+    /// Operators changed a host's state.
+    SetAdmin {
+        host_id: String,
+        admin: HostAdminState,
+    },
+    /// What the agent reported in use.
+    Usage { host_id: String, usage: Resources },
+    /// A decommissioned host leaves the fleet.
+    Remove { host_id: String },
     /// The capacity view of every host.
     Snapshot(RpcReplyPort<HashMap<String, HostCapacity>>),
     /// Fault injection for the supervision tests: panic in the handler.
@@ -164,34 +131,194 @@ pub enum SchedulerMsg {
     InjectPanic,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone)]
+struct Reservation {
+    host_id: String,
+    resources: Resources,
+    group: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HostMeta {
+    reported: Resources,
+    connected: bool,
+    admin: HostAdminState,
+}
+
 pub struct SchedulerState {
-    hosts: HashMap<String, HostCapacity>,
-    reservations: HashMap<String, (String, Resources)>,
+    policy: SchedulingPolicy,
+    fleet: MapFleet,
+    meta: HashMap<String, HostMeta>,
+    reservations: HashMap<String, Reservation>,
+    rng: Rng,
 }
 
 impl SchedulerState {
-    fn reserve(&mut self, sandbox_id: String, host_id: String, resources: Resources) {
+    pub fn new(policy: SchedulingPolicy, seed: u64) -> Self {
+        Self {
+            policy,
+            fleet: MapFleet::default(),
+            meta: HashMap::new(),
+            reservations: HashMap::new(),
+            rng: Rng::new(seed),
+        }
+    }
+
+    fn host_mut(&mut self, host_id: &str) -> &mut HostCapacity {
+        if !self.fleet.hosts.contains_key(host_id) {
+            self.fleet.insert(host_id, HostCapacity::default());
+        }
+        self.fleet
+            .hosts
+            .get_mut(host_id)
+            .expect("inserted just above")
+    }
+
+    fn refresh(&mut self, host_id: &str) {
+        let meta = self.meta.entry(host_id.to_string()).or_default().clone();
+        let allocatable =
+            placement::allocatable(meta.reported, self.policy.reserve, self.policy.overcommit);
+        let host = self.host_mut(host_id);
+        host.allocatable = allocatable;
+        host.schedulable = meta.connected && meta.admin == HostAdminState::Active;
+    }
+
+    fn reserve(
+        &mut self,
+        sandbox_id: String,
+        host_id: String,
+        resources: Resources,
+        group: Option<String>,
+    ) {
         if self.reservations.contains_key(&sandbox_id) {
             return;
         }
-        let host = self.hosts.entry(host_id.clone()).or_default();
+        let host = self.host_mut(&host_id);
         host.allocated.cpu_millis += resources.cpu_millis;
         host.allocated.memory_mb += resources.memory_mb;
-        self.reservations.insert(sandbox_id, (host_id, resources));
+        host.sandboxes += 1;
+        if let Some(g) = &group {
+            *host.groups.entry(g.clone()).or_default() += 1;
+        }
+        self.reservations.insert(
+            sandbox_id,
+            Reservation {
+                host_id,
+                resources,
+                group,
+            },
+        );
     }
 
-    fn release(&mut self, sandbox_id: &str) {
-        if let Some((host_id, resources)) = self.reservations.remove(sandbox_id) {
-            if let Some(host) = self.hosts.get_mut(&host_id) {
-                host.allocated.cpu_millis = host
-                    .allocated
-                    .cpu_millis
-                    .saturating_sub(resources.cpu_millis);
-                host.allocated.memory_mb =
-                    host.allocated.memory_mb.saturating_sub(resources.memory_mb);
+    fn release(&mut self, sandbox_id: &str) -> Option<Reservation> {
+        let r = self.reservations.remove(sandbox_id)?;
+        if let Some(host) = self.fleet.hosts.get_mut(&r.host_id) {
+            host.allocated.cpu_millis = host
+                .allocated
+                .cpu_millis
+                .saturating_sub(r.resources.cpu_millis);
+            host.allocated.memory_mb = host
+                .allocated
+                .memory_mb
+                .saturating_sub(r.resources.memory_mb);
+            host.sandboxes = host.sandboxes.saturating_sub(1);
+            if let Some(g) = &r.group {
+                if let Some(n) = host.groups.get_mut(g) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        host.groups.remove(g);
+                    }
+                }
             }
         }
+        Some(r)
+    }
+
+    /// The strategy a request gets: its own if the deployment allows it.
+    pub fn strategy_for(&self, placement: &Placement) -> PlacementStrategy {
+        match placement.strategy {
+            Some(s) if self.policy.allow_strategy_override => s,
+            _ => self.policy.strategy,
+        }
+    }
+
+    /// Places and reserves (moving an existing reservation).
+    pub fn place(
+        &mut self,
+        sandbox_id: &str,
+        mut request: PlacementRequest,
+    ) -> Result<String, CorralError> {
+        request.strategy = self.strategy_for(&request.placement);
+        let group = request.group();
+        let previous = self.release(sandbox_id);
+        match placement::choose(&self.fleet, &request, &mut self.rng) {
+            Ok(host_id) => {
+                self.reserve(
+                    sandbox_id.to_string(),
+                    host_id.clone(),
+                    request.resources,
+                    group,
+                );
+                Ok(host_id)
+            }
+            Err(err) => {
+                if let Some(r) = previous {
+                    self.reserve(sandbox_id.to_string(), r.host_id, r.resources, r.group);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn remove_host(&mut self, host_id: &str) {
+        self.meta.remove(host_id);
+        if let Some(host) = self.fleet.hosts.remove(host_id) {
+            if let Some(org) = &host.pool {
+                if let Some(pool) = self.fleet.pools.get_mut(org) {
+                    pool.retain(|h| h != host_id);
+                }
+            }
+            self.fleet.ids.retain(|h| h != host_id);
+        }
+    }
+
+    fn host_up(&mut self, host_id: &str, info: HostInfo) {
+        let meta = self.meta.entry(host_id.to_string()).or_default();
+        meta.reported = info.reported;
+        meta.connected = true;
+        if let Some(admin) = info.admin {
+            meta.admin = admin;
+        }
+        let previous_pool = self.fleet.hosts.get(host_id).and_then(|h| h.pool.clone());
+        if previous_pool != info.pool {
+            if let Some(org) = &previous_pool {
+                if let Some(pool) = self.fleet.pools.get_mut(org) {
+                    pool.retain(|h| h != host_id);
+                }
+            }
+            if let Some(org) = &info.pool {
+                self.fleet
+                    .pools
+                    .entry(org.clone())
+                    .or_default()
+                    .push(host_id.to_string());
+            }
+        }
+        let host = self.host_mut(host_id);
+        host.labels = info.labels;
+        host.runtime = info.runtime;
+        host.images = info.images.into_iter().collect();
+        host.pool = info.pool;
+        self.refresh(host_id);
+    }
+
+    pub fn snapshot(&self) -> HashMap<String, HostCapacity> {
+        self.fleet.hosts.clone()
+    }
+
+    /// Every host id the fleet knows (in registration order).
+    pub fn host_ids(&self) -> &[String] {
+        self.fleet.ids()
     }
 }
 
@@ -200,14 +327,16 @@ pub struct Scheduler;
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
-    type Arguments = ();
+    type Arguments = SchedulingPolicy;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        _args: (),
+        policy: SchedulingPolicy,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(SchedulerState::default())
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| format!("getrandom: {e}"))?;
+        Ok(SchedulerState::new(policy, u64::from_le_bytes(seed)))
     }
 
     async fn handle(
@@ -219,53 +348,58 @@ impl Actor for Scheduler {
         match message {
             SchedulerMsg::Place {
                 sandbox_id,
-                resources,
+                request,
                 reply,
             } => {
-                let result = choose_host(state.hosts.iter(), resources).cloned();
-                if let Ok(host_id) = &result {
-                    state.reserve(sandbox_id, host_id.clone(), resources);
-                }
-                let _ = reply.send(result);
+                let _ = reply.send(state.place(&sandbox_id, request));
             }
-            SchedulerMsg::Release { sandbox_id } => state.release(&sandbox_id),
+            SchedulerMsg::Release { sandbox_id } => {
+                state.release(&sandbox_id);
+            }
             SchedulerMsg::Restore {
                 sandbox_id,
                 host_id,
                 resources,
-            } => state.reserve(sandbox_id, host_id, resources),
+                group,
+            } => state.reserve(sandbox_id, host_id, resources, group),
             SchedulerMsg::Readmit {
                 sandbox_id,
                 host_id,
                 resources,
+                group,
                 reply,
             } => {
                 let already = state.reservations.contains_key(&sandbox_id);
                 let fits = state
+                    .fleet
                     .hosts
                     .get(&host_id)
                     .is_some_and(|h| resources.fits_in(h.free()));
                 if !already && fits {
-                    state.reserve(sandbox_id, host_id, resources);
+                    state.reserve(sandbox_id, host_id, resources, group);
                 }
                 let _ = reply.send(already || fits);
             }
-            SchedulerMsg::HostUp {
-                host_id,
-                allocatable,
-            } => {
-                let host = state.hosts.entry(host_id).or_default();
-                host.allocatable = allocatable;
-                host.schedulable = true;
-            }
+            SchedulerMsg::HostUp { host_id, info } => state.host_up(&host_id, info),
             SchedulerMsg::HostDown { host_id } => {
-                if let Some(host) = state.hosts.get_mut(&host_id) {
-                    host.schedulable = false;
+                if let Some(meta) = state.meta.get_mut(&host_id) {
+                    meta.connected = false;
+                    state.refresh(&host_id);
                 }
             }
+            SchedulerMsg::SetAdmin { host_id, admin } => {
+                state.meta.entry(host_id.clone()).or_default().admin = admin;
+                state.refresh(&host_id);
+            }
+            SchedulerMsg::Usage { host_id, usage } => {
+                if let Some(host) = state.fleet.hosts.get_mut(&host_id) {
+                    host.usage = usage;
+                }
+            }
+            SchedulerMsg::Remove { host_id } => state.remove_host(&host_id),
             SchedulerMsg::InjectPanic => panic!("injected fault in the scheduler"),
             SchedulerMsg::Snapshot(reply) => {
-                let _ = reply.send(state.hosts.clone());
+                let _ = reply.send(state.snapshot());
             }
         }
         Ok(())
@@ -276,83 +410,115 @@ impl Actor for Scheduler {
 mod tests {
     use super::*;
 
-    fn host(cpu: u64, mem: u64, used_cpu: u64, used_mem: u64) -> HostCapacity {
-        HostCapacity {
-            allocatable: Resources {
-                cpu_millis: cpu,
-                memory_mb: mem,
+    fn up(state: &mut SchedulerState, id: &str, cpu: u64, mem: u64) {
+        state.host_up(
+            id,
+            HostInfo {
+                reported: Resources {
+                    cpu_millis: cpu,
+                    memory_mb: mem,
+                },
+                runtime: "fake".into(),
+                images: vec!["busybox".into()],
+                ..Default::default()
             },
-            allocated: Resources {
-                cpu_millis: used_cpu,
-                memory_mb: used_mem,
-            },
-            schedulable: true,
-        }
-    }
-
-    fn req(cpu: u64, mem: u64) -> Resources {
-        Resources {
-            cpu_millis: cpu,
-            memory_mb: mem,
-        }
-    }
-
-    #[test]
-    fn spread_prefers_the_least_loaded_host() {
-        let hosts = HashMap::from([
-            ("a".to_string(), host(4000, 4096, 3000, 1024)),
-            ("b".to_string(), host(4000, 4096, 1000, 1024)),
-        ]);
-        assert_eq!(
-            choose_host(hosts.iter(), req(500, 256)).ok(),
-            Some(&"b".to_string())
         );
     }
 
-    #[test]
-    fn a_host_that_cannot_fit_is_never_chosen() {
-        let hosts = HashMap::from([
-            ("a".to_string(), host(1000, 1024, 900, 0)),
-            ("b".to_string(), host(1000, 1024, 0, 1000)),
-        ]);
-        match choose_host(hosts.iter(), req(200, 100)) {
-            Err(CorralError::NoCapacity {
-                largest_free_cpu_millis,
-                largest_free_memory_mb,
-                ..
-            }) => {
-                assert_eq!(
-                    (largest_free_cpu_millis, largest_free_memory_mb),
-                    (100, 1024)
-                );
-            }
-            other => panic!("expected no capacity, got {other:?}"),
+    fn req(cpu: u64, mem: u64) -> PlacementRequest {
+        PlacementRequest {
+            org_id: "org".into(),
+            resources: Resources {
+                cpu_millis: cpu,
+                memory_mb: mem,
+            },
+            image: "busybox".into(),
+            ..Default::default()
         }
-    }
-
-    #[test]
-    fn unschedulable_hosts_are_skipped() {
-        let mut down = host(8000, 8192, 0, 0);
-        down.schedulable = false;
-        let hosts = HashMap::from([("a".to_string(), down)]);
-        assert!(choose_host(hosts.iter(), req(100, 16)).is_err());
     }
 
     #[test]
     fn reservations_never_exceed_allocatable() {
-        let mut state = SchedulerState::default();
-        state.hosts.insert("a".into(), host(1000, 1000, 0, 0));
-        let mut placed = 0;
-        for i in 0..10 {
-            if let Ok(h) = choose_host(state.hosts.iter(), req(300, 100)).cloned() {
-                state.reserve(format!("s{i}"), h, req(300, 100));
-                placed += 1;
-            }
-        }
+        let mut state = SchedulerState::new(SchedulingPolicy::default(), 1);
+        up(&mut state, "a", 1000, 1000);
+        let placed = (0..10)
+            .filter(|i| state.place(&format!("s{i}"), req(300, 100)).is_ok())
+            .count();
         assert_eq!(placed, 3);
-        assert!(state.hosts["a"].allocated.cpu_millis <= 1000);
+        assert!(state.fleet.hosts["a"].allocated.cpu_millis <= 1000);
         state.release("s0");
         state.release("s0");
-        assert_eq!(state.hosts["a"].allocated.cpu_millis, 600);
+        assert_eq!(state.fleet.hosts["a"].allocated.cpu_millis, 600);
+    }
+
+    #[test]
+    fn reserve_and_overcommit_shape_allocatable() {
+        let policy = SchedulingPolicy {
+            reserve: Resources {
+                cpu_millis: 200,
+                memory_mb: 0,
+            },
+            overcommit: 2.0,
+            ..Default::default()
+        };
+        let mut state = SchedulerState::new(policy, 1);
+        up(&mut state, "a", 1200, 1000);
+        assert_eq!(state.fleet.hosts["a"].allocatable.cpu_millis, 2000);
+        let placed = (0..10)
+            .filter(|i| state.place(&format!("s{i}"), req(500, 10)).is_ok())
+            .count();
+        assert_eq!(placed, 4);
+    }
+
+    #[test]
+    fn cordoned_and_disconnected_hosts_take_nothing_and_a_move_keeps_the_old_slot_on_failure() {
+        let mut state = SchedulerState::new(SchedulingPolicy::default(), 1);
+        up(&mut state, "a", 1000, 1000);
+        up(&mut state, "b", 1000, 1000);
+        assert!(state.place("s1", req(600, 100)).is_ok());
+        let first = state.reservations["s1"].host_id.clone();
+        let other = if first == "a" { "b" } else { "a" };
+        // Move it: the other host takes it, the first is free again.
+        let mut moving = req(600, 100);
+        moving.exclude.insert(first.clone());
+        assert_eq!(
+            state.place("s1", moving.clone()).ok().as_deref(),
+            Some(other)
+        );
+        assert_eq!(state.fleet.hosts[&first].allocated.cpu_millis, 0);
+        // Nowhere to go: it keeps its reservation.
+        if let Some(meta) = state.meta.get_mut(&first) {
+            meta.admin = HostAdminState::Cordoned;
+        }
+        state.refresh(&first);
+        let mut stuck = req(600, 100);
+        stuck.exclude.insert(other.to_string());
+        assert!(state.place("s1", stuck).is_err());
+        assert_eq!(state.reservations["s1"].host_id, other);
+        if let Some(meta) = state.meta.get_mut(other) {
+            meta.connected = false;
+        }
+        state.refresh(other);
+        assert!(state.place("s2", req(10, 10)).is_err());
+    }
+
+    #[test]
+    fn strategy_override_follows_the_policy() {
+        let mut placement = Placement {
+            strategy: Some(PlacementStrategy::Binpack),
+            ..Default::default()
+        };
+        let open = SchedulerState::new(SchedulingPolicy::default(), 1);
+        assert_eq!(open.strategy_for(&placement), PlacementStrategy::Binpack);
+        let closed = SchedulerState::new(
+            SchedulingPolicy {
+                allow_strategy_override: false,
+                ..Default::default()
+            },
+            1,
+        );
+        assert_eq!(closed.strategy_for(&placement), PlacementStrategy::Spread);
+        placement.strategy = None;
+        assert_eq!(open.strategy_for(&placement), PlacementStrategy::Spread);
     }
 }

@@ -72,6 +72,9 @@ pub mod host_token {
         pub revoked_at: Option<DateTimeUtc>,
         /// After this the token is refused like a revoked one.
         pub expires_at: Option<DateTimeUtc>,
+        /// Set for a token of an org's private pool: its host takes only
+        /// that org's sandboxes.
+        pub org_id: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -99,6 +102,14 @@ pub mod host {
         pub last_seen_at: Option<DateTimeUtc>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
+        /// Labels the agent reported (`--label k=v`), a JSON map.
+        pub labels: Option<Json>,
+        /// The org whose private pool this host is in; `None` for the
+        /// shared fleet.
+        pub org_id: Option<String>,
+        /// What operators decided: active, cordoned, draining or
+        /// decommissioned (see [`crate::domain::HostAdminState`]).
+        pub admin_state: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -134,6 +145,11 @@ pub mod sandbox {
         pub updated_at: DateTimeUtc,
         pub started_at: Option<DateTimeUtc>,
         pub expires_at: Option<DateTimeUtc>,
+        /// never or on_host_loss (see [`crate::domain::RestartPolicy`]).
+        pub restart_policy: String,
+        /// The placement constraints it was created with
+        /// ([`crate::domain::Placement`]), reused when it is placed again.
+        pub placement: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

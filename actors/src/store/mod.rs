@@ -24,7 +24,7 @@ use sea_orm::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::domain::{new_id, BillingStatus, HostState, SandboxState};
+use crate::domain::{new_id, BillingStatus, HostAdminState, HostState, SandboxState};
 use crate::error::{CorralError, Result};
 pub use entities::{
     api_key, audit_event, billing_event, host, host_token, ledger_entry, org, price_plan, sandbox,
@@ -64,6 +64,11 @@ pub struct HostRegistration {
     pub memory_mb: u64,
     pub images: Vec<String>,
     pub agent_version: String,
+    /// Labels the agent reported (`--label k=v`).
+    pub labels: BTreeMap<String, String>,
+    /// The org of the host token's private pool; `None` for the shared
+    /// fleet.
+    pub org_id: Option<String>,
 }
 
 /// A new random secret with a readable kind prefix, e.g. `ck_3f9a...`.
@@ -256,15 +261,17 @@ impl Store {
         name: &str,
         host_id: Option<String>,
     ) -> Result<Issued<host_token::Model>> {
-        self.issue_host_token(name, host_id, None).await
+        self.issue_host_token(name, host_id, None, None).await
     }
 
-    /// Like [`Store::create_host_token`], with an optional expiry.
+    /// Like [`Store::create_host_token`], with an optional expiry and an
+    /// optional org whose private pool the host joins.
     pub async fn issue_host_token(
         &self,
         name: &str,
         host_id: Option<String>,
         expires_at: Option<chrono::DateTime<Utc>>,
+        org_id: Option<String>,
     ) -> Result<Issued<host_token::Model>> {
         let secret = generate_secret("ch")?;
         let record = host_token::ActiveModel {
@@ -276,6 +283,7 @@ impl Store {
             created_at: Set(Utc::now()),
             revoked_at: Set(None),
             expires_at: Set(expires_at),
+            org_id: Set(org_id),
         }
         .insert(&self.db)
         .await?;
@@ -324,9 +332,14 @@ impl Store {
             None => host::ActiveModel {
                 id: Set(id.to_string()),
                 created_at: Set(now),
+                admin_state: Set(HostAdminState::Active.as_str().to_string()),
                 ..Default::default()
             },
         };
+        let labels =
+            serde_json::to_value(&reg.labels).map_err(|e| CorralError::Internal(e.to_string()))?;
+        active.labels = Set(Some(labels));
+        active.org_id = Set(reg.org_id.clone());
         active.hostname = Set(reg.hostname.clone());
         active.state = Set(HostState::Ready.as_str().to_string());
         active.runtime = Set(reg.runtime.clone());
@@ -351,6 +364,34 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+
+    /// Records an operator decision about a host.
+    pub async fn set_host_admin(&self, id: &str, admin: HostAdminState) -> Result<host::Model> {
+        let host = host::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or(CorralError::NotFound("host"))?;
+        let mut active = host.into_active_model();
+        active.admin_state = Set(admin.as_str().to_string());
+        active.updated_at = Set(Utc::now());
+        Ok(active.update(&self.db).await?)
+    }
+
+    /// Revokes every token of a host (a decommissioned host).
+    pub async fn revoke_host_tokens_of(&self, host_id: &str) -> Result<Vec<host_token::Model>> {
+        let tokens = host_token::Entity::find()
+            .filter(host_token::Column::HostId.eq(host_id))
+            .filter(host_token::Column::RevokedAt.is_null())
+            .all(&self.db)
+            .await?;
+        let mut revoked = Vec::new();
+        for token in tokens {
+            let mut active = token.into_active_model();
+            active.revoked_at = Set(Some(Utc::now()));
+            revoked.push(active.update(&self.db).await?);
+        }
+        Ok(revoked)
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<host::Model>> {

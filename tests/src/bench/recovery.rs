@@ -97,6 +97,8 @@ async fn seed(
                 updated_at: now,
                 started_at: Some(now),
                 expires_at: None,
+                restart_policy: "never".into(),
+                placement: None,
             }
         })
         .collect();

@@ -161,6 +161,7 @@ async fn session(config: &SimConfig, shared: &Shared) -> anyhow::Result<()> {
         images: vec!["busybox".into()],
         inventory,
         max_concurrent_commands: 1024,
+        labels: Default::default(),
     };
     tx.send(envelope(0, AgentPayload::Register(register)))
         .await
