@@ -120,18 +120,24 @@ string_enum!(
     }
 );
 
+// The enums come from `string_enum!`, which takes no `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for HostAdminState {
     fn default() -> Self {
         Self::Active
     }
 }
 
+// The enums come from `string_enum!`, which takes no `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for RestartPolicy {
     fn default() -> Self {
         Self::Never
     }
 }
 
+// The enums come from `string_enum!`, which takes no `#[default]`.
+#[allow(clippy::derivable_impls)]
 impl Default for PlacementStrategy {
     fn default() -> Self {
         Self::Spread

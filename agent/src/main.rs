@@ -515,6 +515,31 @@ fn agent_tls(args: &RunArgs) -> anyhow::Result<corral_agent::AgentTls> {
     Ok(tls)
 }
 
+/// `key=value`, with a key of 1-63 characters of a-z, 0-9, `.`, `_`, `/`,
+/// `-` (the control plane's label rules).
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key.as_bytes()[0].is_ascii_alphanumeric()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?} must be 1-63 characters of a-z, 0-9, '.', '_', '/' and '-'"
+        ));
+    }
+    if value.len() > 256 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "label {key} must have a value of at most 256 printable bytes"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,29 +619,4 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["corral-agent", "image", "docker-import", "busybox"]).is_ok());
     }
-}
-
-/// `key=value`, with a key of 1-63 characters of a-z, 0-9, `.`, `_`, `/`,
-/// `-` (the control plane's label rules).
-fn parse_label(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not key=value"))?;
-    let key_ok = !key.is_empty()
-        && key.len() <= 63
-        && key.as_bytes()[0].is_ascii_alphanumeric()
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
-    if !key_ok {
-        return Err(format!(
-            "label key {key:?} must be 1-63 characters of a-z, 0-9, '.', '_', '/' and '-'"
-        ));
-    }
-    if value.len() > 256 || value.chars().any(char::is_control) {
-        return Err(format!(
-            "label {key} must have a value of at most 256 printable bytes"
-        ));
-    }
-    Ok((key.to_string(), value.to_string()))
 }

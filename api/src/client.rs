@@ -73,6 +73,8 @@ fn labels_text(host: &Value) -> String {
 }
 
 /// `corral sandbox ...`
+// Parsed once per process: the size of `Create` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand, Debug)]
 pub enum SandboxCommand {
     /// Create a sandbox running COMMAND in IMAGE (waits until it runs).
@@ -1682,6 +1684,7 @@ root (running)
     }
 
     #[derive(clap::Subcommand, Debug)]
+    #[allow(clippy::large_enum_variant)]
     enum TestCommand {
         #[command(subcommand)]
         Sandbox(SandboxCommand),

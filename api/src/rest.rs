@@ -350,7 +350,8 @@ pub struct PlacementBody {
     /// Only the org's private pool, never the shared fleet.
     pub private_pool_only: Option<bool>,
     /// Wait up to this long for capacity instead of failing with
-    /// `no_capacity` at once (at most 300000).
+    /// `no_capacity` at once (at most 300000, and at most half the server's
+    /// request timeout).
     pub wait_timeout_ms: Option<u64>,
 }
 
@@ -490,6 +491,10 @@ pub struct Health {
 
 // ---- validation -----------------------------------------------------------
 
+/// The longest a create may wait for capacity (and never more than half the
+/// request timeout).
+const MAX_WAIT_TIMEOUT_MS: u64 = 300_000;
+
 fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message.into())
 }
@@ -501,6 +506,7 @@ fn validate_placement(
     restart_policy: Option<&str>,
     labels: &BTreeMap<String, String>,
     allow_strategy_override: bool,
+    max_wait_ms: u64,
 ) -> Result<(domain::Placement, domain::RestartPolicy), ApiError> {
     let restart_policy = match restart_policy {
         None => domain::RestartPolicy::Never,
@@ -547,10 +553,12 @@ fn validate_placement(
             ));
         }
     }
-    if body.wait_timeout_ms.is_some_and(|ms| ms > 300_000) {
+    if body.wait_timeout_ms.is_some_and(|ms| ms > max_wait_ms) {
         return Err(unprocessable(
             "invalid_wait_timeout",
-            "wait_timeout_ms must be at most 300000",
+            format!(
+                "wait_timeout_ms must be at most {max_wait_ms} (the server's request timeout, less the time to create)"
+            ),
         ));
     }
     Ok((
@@ -569,6 +577,7 @@ fn validate_placement(
 fn validate_create(
     req: CreateSandboxRequest,
     allow_strategy_override: bool,
+    max_wait_ms: u64,
 ) -> Result<SandboxSpec, ApiError> {
     if let Some(name) = &req.name {
         domain::validate_name(name)?;
@@ -601,6 +610,7 @@ fn validate_create(
         req.restart_policy.as_deref(),
         &req.labels,
         allow_strategy_override,
+        max_wait_ms,
     )?;
     Ok(SandboxSpec {
         name: req.name,
@@ -1076,9 +1086,14 @@ async fn create_sandbox(
     Query(q): Query<WaitQuery>,
     ApiJson(req): ApiJson<CreateSandboxRequest>,
 ) -> ApiResult<(StatusCode, Json<SandboxView>)> {
+    // A wait for capacity must end well within the request's deadline.
+    let max_wait_ms = u64::try_from(state.limits.config.request_timeout.as_millis() / 2)
+        .unwrap_or(u64::MAX)
+        .min(MAX_WAIT_TIMEOUT_MS);
     let spec = validate_create(
         req,
         state.control_plane.scheduling().allow_strategy_override,
+        max_wait_ms,
     )?;
     let row = state
         .control_plane

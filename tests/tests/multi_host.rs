@@ -204,8 +204,8 @@ async fn a_host_gone_for_good_leaves_its_sandboxes_lost() {
             Duration::from_millis(GRACE_MS) + Duration::from_secs(5),
         )
         .await;
-    // Sandboxes are not recreated elsewhere (not built in the control
-    // plane): they stay lost until deleted.
+    // Sandboxes with the default restart policy (never) are not recreated
+    // elsewhere: they stay lost until deleted.
     for (id, _) in &on_gone {
         let sandbox = fleet
             .wait_sandbox_state(id, "lost", Duration::from_secs(5))
@@ -254,5 +254,61 @@ async fn a_rolling_restart_of_every_agent_loses_no_sandbox() {
         let (status, out) = fleet.exec(id, json!(["echo", "still here"])).await;
         assert_eq!(status, StatusCode::OK, "{out}");
         assert_eq!(out["stdout"], "still here\n");
+    }
+}
+
+#[tokio::test]
+async fn a_host_gone_for_good_has_its_on_host_loss_sandboxes_recreated_elsewhere() {
+    if skip_without_netlab(
+        "a_host_gone_for_good_has_its_on_host_loss_sandboxes_recreated_elsewhere",
+    ) {
+        return;
+    }
+    let mut fleet = fleet().await;
+    // One per host, each recreated elsewhere should its host be lost.
+    let mut placed = Vec::new();
+    for _ in 0..3 {
+        let mut body = sandbox_body();
+        body["restart_policy"] = json!("on_host_loss");
+        let sandbox = create_sandbox(&fleet.api, body).await;
+        assert_eq!(sandbox["state"], "running", "{sandbox}");
+        let id = id_of(&sandbox);
+        let host = fleet.locate(&id).await;
+        placed.push((id, host));
+    }
+    let gone = placed[0].1;
+    let (moving, _) = placed[0].clone();
+    let before = fleet.sandbox(&moving).await;
+
+    // The machine dies: its agent and everything it ran.
+    fleet.kill_agent(gone).await;
+    fleet.lab.kill_all_in(gone);
+    fleet.lab.partition(gone);
+    fleet
+        .wait_host_state(
+            gone,
+            "offline",
+            Duration::from_millis(GRACE_MS) + Duration::from_secs(5),
+        )
+        .await;
+    // Same id, a new host, running: an exec answers from another host.
+    let deadline = tokio::time::Instant::now() + RECOVERY;
+    let moved = loop {
+        let sandbox = fleet.sandbox(&moving).await;
+        if sandbox["state"] == "running" && sandbox["host_id"] != before["host_id"] {
+            break sandbox;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sandbox was not recreated elsewhere: {sandbox}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(moved["restart_policy"], "on_host_loss");
+    let now_on = fleet.locate(&moving).await;
+    assert_ne!(now_on, gone);
+    // The others stayed where they were.
+    for (id, host) in &placed[1..] {
+        fleet.assert_runs_on(id, *host).await;
     }
 }

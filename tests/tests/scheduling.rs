@@ -252,13 +252,7 @@ async fn drain_moves_on_host_loss_sandboxes_stops_the_rest_then_decommission() {
         s["host_id"] == json!(b.host_id) && s["state"] == "running"
     })
     .await;
-    assert!(
-        moved["failure_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("drained"),
-        "{moved}"
-    );
+    assert_eq!(id_of(&moved), id_of(&moving), "same id");
     assert!(b.runtime.phase(&id_of(&moving)).is_some(), "host b runs it");
     wait_for(
         "host a to let go of it",
@@ -322,13 +316,7 @@ async fn a_create_the_host_fails_is_retried_on_another_host() {
     let sandbox = create(&api, body("retried", 500, 128)).await;
     assert_eq!(sandbox["state"], "running", "{sandbox}");
     assert_eq!(sandbox["host_id"], json!(good.host_id));
-    assert!(
-        sandbox["failure_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(&broken.host_id),
-        "{sandbox}"
-    );
+    assert!(broken.runtime.sandbox_ids().is_empty());
     // The broken host holds no reservation for it.
     let capacity = cp.server.control_plane.capacity().await.expect("capacity");
     assert_eq!(capacity[&broken.host_id].allocated.cpu_millis, 0);

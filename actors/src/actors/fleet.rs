@@ -34,7 +34,7 @@ pub enum FleetMsg {
     /// its actor there.
     Relocated {
         host_id: String,
-        row: crate::store::sandbox::Model,
+        row: Box<crate::store::sandbox::Model>,
         tried: std::collections::BTreeSet<String>,
         waiter: Option<RpcReplyPort<super::sandbox::SandboxReply>>,
     },
@@ -163,7 +163,11 @@ impl Actor for FleetSupervisor {
                 waiter,
             } => match self.host_actor(&myself, state, &host_id).await {
                 Ok(host) => {
-                    let _ = host.cast(HostMsg::Relocated { row, tried, waiter });
+                    let _ = host.cast(HostMsg::Relocated {
+                        row: *row,
+                        tried,
+                        waiter,
+                    });
                 }
                 Err(err) => {
                     tracing::error!(host.id = %host_id, sandbox.id = %row.id, error = %err, "no actor for the new host of a moved sandbox");

@@ -876,7 +876,7 @@ impl SandboxActor {
         tracing::info!(sandbox.id = %state.row.id, from = %old_host, to = %new_host, ?cause, "sandbox placed on another host");
         let _ = state.fleet.cast(FleetMsg::Relocated {
             host_id: new_host,
-            row: state.row.clone(),
+            row: Box::new(state.row.clone()),
             tried: state.tried.clone(),
             waiter: reply,
         });
