@@ -37,6 +37,9 @@ pub struct ControlPlaneConfig {
     pub database_url: String,
     pub timeouts: Timeouts,
     pub billing: BillingPolicy,
+    /// Seals sandbox secret env values; without one, creates that carry
+    /// secrets are refused.
+    pub secret_key: Option<crate::secrets::SecretKey>,
 }
 
 /// A running control plane. Cheap to clone.
@@ -92,6 +95,7 @@ impl ControlPlane {
     /// from it.
     pub async fn start(config: ControlPlaneConfig) -> Result<Self> {
         let store = Store::connect(&config.database_url).await?;
+        let store = store.with_secret_key(config.secret_key.as_ref());
         Self::start_with_store(store, config.timeouts, config.billing, Arc::new(LogHook)).await
     }
 
@@ -321,6 +325,19 @@ impl ControlPlane {
         .ok_or(CorralError::HostUnavailable)?;
         let now = Utc::now();
         let to_json = |v: &dyn erased::Json| v.to_value();
+        // Secret env values are sealed before anything is persisted.
+        let secret_env = if spec.secret_env.is_empty() {
+            None
+        } else {
+            let sealer = self.inner.store.secrets().ok_or_else(|| {
+                CorralError::InvalidArgument(
+                    "secret_env needs a secret key on the control plane".into(),
+                )
+            })?;
+            Some(sealer.seal_env(sandbox_id, &spec.secret_env)?)
+        };
+        let security = (spec.security != crate::domain::SandboxSecurity::default())
+            .then(|| serde_json::to_value(spec.security).unwrap_or_default());
         let row = sandbox::Model {
             id: sandbox_id.to_string(),
             org_id: org_id.to_string(),
@@ -349,6 +366,8 @@ impl ControlPlane {
                 .ttl_seconds
                 .and_then(|ttl| i64::try_from(ttl).ok())
                 .map(|ttl| now + chrono::Duration::seconds(ttl)),
+            secret_env,
+            security,
         };
         let actor = call(
             &host,

@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod domain;
 pub mod error;
 pub mod metrics;
+pub mod secrets;
 pub mod store;
 pub mod tree;
 

@@ -29,4 +29,6 @@ pub struct AppState {
     pub limits: Arc<limits::Limits>,
     /// Live agent streams by host token, to end them on revocation.
     pub agent_streams: grpc::LiveConnections,
+    /// Whether sandboxes may use the host's network (`--allow-host-network`).
+    pub allow_host_network: bool,
 }

@@ -49,6 +49,9 @@ fn init_logging() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before any HTTP client or TLS config is built (reqwest has no
+    // provider of its own).
+    corral_api::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(config) => {

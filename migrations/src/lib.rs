@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_initial;
 mod m20261123_000002_billing;
 mod m20261123_000003_security;
+mod m20261123_000005_secrets;
 
 pub use m20261123_000002_billing::DEFAULT_PLAN_ID;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_initial::Migration),
             Box::new(m20261123_000002_billing::Migration),
             Box::new(m20261123_000003_security::Migration),
+            Box::new(m20261123_000005_secrets::Migration),
         ]
     }
 }

@@ -74,6 +74,8 @@ fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
         updated_at: now,
         started_at: None,
         expires_at: None,
+        secret_env: None,
+        security: None,
     }
 }
 

@@ -668,6 +668,8 @@ mod tests {
             updated_at: now,
             started_at: None,
             expires_at: None,
+            secret_env: None,
+            security: None,
         }
     }
 

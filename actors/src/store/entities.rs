@@ -134,6 +134,11 @@ pub mod sandbox {
         pub updated_at: DateTimeUtc,
         pub started_at: Option<DateTimeUtc>,
         pub expires_at: Option<DateTimeUtc>,
+        /// Secret env values, each sealed (`crate::secrets`): never
+        /// plaintext. `None` means none.
+        pub secret_env: Option<Json>,
+        /// `domain::SandboxSecurity` as JSON; `None` means the defaults.
+        pub security: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -97,6 +97,8 @@ async fn seed(
                 updated_at: now,
                 started_at: Some(now),
                 expires_at: None,
+                secret_env: None,
+                security: None,
             }
         })
         .collect();
