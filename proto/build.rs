@@ -7,8 +7,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The rpc is named `Connect`, which would clash with the generated
     // client's `connect(endpoint)` constructor: clients build a Channel and
     // use `AgentServiceClient::new(channel)` instead.
+    // Without the `grpc` feature, messages only (no tonic services).
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
         .build_transport(false)
+        // CreateSandbox carries env values, some of them secrets: its Debug
+        // is written by hand in lib.rs and redacts them.
+        .skip_debug([".corral.agent.v1.CreateSandbox"])
         .compile_protos(&["proto/corral/agent/v1/agent.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

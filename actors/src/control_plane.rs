@@ -41,6 +41,9 @@ pub struct ControlPlaneConfig {
     pub timeouts: Timeouts,
     pub billing: BillingPolicy,
     pub scheduling: SchedulingPolicy,
+    /// Seals sandbox secret env values; without one, creates that carry
+    /// secrets are refused.
+    pub secret_key: Option<crate::secrets::SecretKey>,
 }
 
 /// A running control plane. Cheap to clone.
@@ -97,6 +100,7 @@ impl ControlPlane {
     /// from it.
     pub async fn start(config: ControlPlaneConfig) -> Result<Self> {
         let store = Store::connect(&config.database_url).await?;
+        let store = store.with_secret_key(config.secret_key.as_ref());
         Self::start_with_store(
             store,
             config.timeouts,
@@ -409,6 +413,19 @@ impl ControlPlane {
         .ok_or(CorralError::HostUnavailable)?;
         let now = Utc::now();
         let to_json = |v: &dyn erased::Json| v.to_value();
+        // Secret env values are sealed before anything is persisted.
+        let secret_env = if spec.secret_env.is_empty() {
+            None
+        } else {
+            let sealer = self.inner.store.secrets().ok_or_else(|| {
+                CorralError::InvalidArgument(
+                    "secret_env needs a secret key on the control plane".into(),
+                )
+            })?;
+            Some(sealer.seal_env(sandbox_id, &spec.secret_env)?)
+        };
+        let security = (spec.security != crate::domain::SandboxSecurity::default())
+            .then(|| serde_json::to_value(spec.security).unwrap_or_default());
         let row = sandbox::Model {
             id: sandbox_id.to_string(),
             org_id: org_id.to_string(),
@@ -440,6 +457,8 @@ impl ControlPlane {
             restart_policy: spec.restart_policy.as_str().to_string(),
             placement: (spec.placement != crate::domain::Placement::default())
                 .then(|| to_json(&spec.placement)),
+            secret_env,
+            security,
         };
         let actor = call(
             &host,

@@ -216,6 +216,63 @@ pub struct SandboxSpec {
     pub ttl_seconds: Option<u64>,
     pub placement: Placement,
     pub restart_policy: RestartPolicy,
+    /// Env values marked secret: encrypted at rest, redacted in views and
+    /// in Debug output, decrypted only into the message to the agent.
+    pub secret_env: SecretEnv,
+    /// Hardening options (network, read-only root, pids, user namespace).
+    pub security: SandboxSecurity,
+}
+
+/// Secret env values. Its Debug shows the keys only, so a spec (or anything
+/// holding one) can be logged without leaking them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretEnv(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "***")))
+            .finish()
+    }
+}
+
+impl SecretEnv {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+string_enum!(
+    /// A sandbox's network: `none` (its own namespace, loopback only) or
+    /// `host` (the host's network; only where the operator allows it).
+    Network {
+        None = "none",
+        Host = "host",
+    }
+);
+
+/// Hardening a client may choose per sandbox. Stored with the sandbox (the
+/// `security` column) and sent to the agent with every create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxSecurity {
+    pub network: Network,
+    /// Mount the root filesystem read-only.
+    pub read_only_root: bool,
+    /// Process/thread limit; `None` means the agent's default.
+    pub pids_limit: Option<u32>,
+    /// Run in a user namespace (root inside maps to an unprivileged range).
+    pub user_namespace: bool,
+}
+
+impl Default for SandboxSecurity {
+    fn default() -> Self {
+        Self {
+            network: Network::None,
+            read_only_root: false,
+            pids_limit: None,
+            user_namespace: false,
+        }
+    }
 }
 
 impl SandboxSpec {
@@ -273,6 +330,10 @@ pub mod limits {
     pub const DEFAULT_EXEC_TIMEOUT_MS: u32 = 60 * 1000;
     pub const MAX_EXEC_OUTPUT_BYTES: u32 = 1024 * 1024;
     pub const DEFAULT_EXEC_OUTPUT_BYTES: u32 = 64 * 1024;
+    /// Bounds of a sandbox's `pids_limit` (the agent's default applies
+    /// when it is not given).
+    pub const MIN_PIDS_LIMIT: u32 = 8;
+    pub const MAX_PIDS_LIMIT: u32 = 32_768;
 }
 
 fn invalid(message: impl Into<String>) -> CorralError {
@@ -377,6 +438,30 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), CorralError> {
                 limits::MAX_ENV_VALUE_BYTES
             )));
         }
+    }
+    Ok(())
+}
+
+/// Secret env: the same rules as env, the two together within the env
+/// bounds, and no key in both.
+pub fn validate_secret_env(
+    env: &BTreeMap<String, String>,
+    secret_env: &BTreeMap<String, String>,
+) -> Result<(), CorralError> {
+    validate_env(secret_env).map_err(|e| match e {
+        CorralError::InvalidArgument(m) => invalid(format!("secret_{m}")),
+        other => other,
+    })?;
+    if let Some(key) = secret_env.keys().find(|k| env.contains_key(*k)) {
+        return Err(invalid(format!(
+            "env key {key:?} is in both env and secret_env"
+        )));
+    }
+    if env.len() + secret_env.len() > limits::MAX_ENV_ENTRIES {
+        return Err(invalid(format!(
+            "env and secret_env have more than {} entries together",
+            limits::MAX_ENV_ENTRIES
+        )));
     }
     Ok(())
 }
@@ -490,6 +575,22 @@ mod tests {
         }
         let env = BTreeMap::from([("K".to_string(), "a\0b".to_string())]);
         assert!(validate_env(&env).is_err());
+    }
+
+    #[test]
+    fn secret_env_is_checked_like_env_and_never_printed() {
+        let env = BTreeMap::from([("A".to_string(), "1".to_string())]);
+        let secret = BTreeMap::from([("TOKEN".to_string(), "hunter2".to_string())]);
+        assert!(validate_secret_env(&env, &secret).is_ok());
+        let both = BTreeMap::from([("A".to_string(), "2".to_string())]);
+        assert!(validate_secret_env(&env, &both).is_err());
+        let bad = BTreeMap::from([("1X".to_string(), "v".to_string())]);
+        assert!(validate_secret_env(&env, &bad).is_err());
+        let shown = format!("{:?}", SecretEnv(secret));
+        assert!(
+            shown.contains("TOKEN") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]

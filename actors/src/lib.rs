@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod placement;
+pub mod secrets;
 pub mod store;
 pub mod tree;
 

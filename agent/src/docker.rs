@@ -15,12 +15,15 @@
 //! container (no init is injected), stop is SIGTERM, then SIGKILL after the
 //! grace, timed to the millisecond by the runtime itself; a stopped
 //! container keeps its writable layer, so `start` resumes with the
-//! sandbox's files. Hardening mirrors runc's defaults: every capability is
-//! dropped but `AUDIT_WRITE`, `KILL` and `NET_BIND_SERVICE` (runc's default
-//! set), `no-new-privileges`, an open-files limit of 1024, a writable root
-//! (as runc's), the engine's default seccomp and masked paths, no restart
-//! policy, and network mode `none` (loopback only, as runc's fresh network
-//! namespace), so a sandbox reaches neither the host nor other sandboxes.
+//! sandbox's files. Hardening mirrors the runc runtime's: every capability
+//! is dropped but `AUDIT_WRITE`, `KILL` and `NET_BIND_SERVICE`
+//! ([`crate::hardening`]), `no-new-privileges`, an open-files limit of 1024,
+//! the pids limit, a read-only root when asked, the engine's default seccomp
+//! profile (which ours is modelled on) and masked paths, no restart policy,
+//! and network mode `none` (loopback only, as runc's fresh network
+//! namespace) unless the sandbox asked for `host`, so a sandbox reaches
+//! neither the host nor other sandboxes. User namespaces are the engine's
+//! (`userns-remap`): a sandbox asking for one is refused as unsupported.
 //!
 //! Images: a Corral image name `X` is the engine's local image `X:latest`
 //! ([`docker_reference`]); `corral-agent image build-busybox --docker`
@@ -67,8 +70,8 @@ pub const LABEL_PREFIX: &str = "corral.label.";
 pub const DEFAULT_NAMESPACE: &str = "corral";
 /// The tag every Corral image has on the engine.
 pub const IMAGE_TAG: &str = "latest";
-/// runc's default capability set, the only capabilities a sandbox keeps.
-pub const CAPABILITIES: [&str; 3] = ["AUDIT_WRITE", "KILL", "NET_BIND_SERVICE"];
+/// The only capabilities a sandbox keeps (the runc runtime's set).
+pub const CAPABILITIES: &[&str] = crate::hardening::DOCKER_CAPABILITIES;
 /// The open-files limit runc's default config sets.
 const NOFILE_LIMIT: i64 = 1024;
 /// Bound on every engine request other than an exec's output and a pull.
@@ -189,16 +192,24 @@ pub fn container_config(
                 .ok_or_else(|| RuntimeError::InvalidArgument("memory_mb is too large".into()))?,
         ),
     };
+    if spec.user_namespace {
+        // The engine maps users per daemon (`userns-remap`), not per
+        // container: a sandbox cannot ask for it here.
+        return Err(RuntimeError::Unsupported(
+            "user_namespace is not supported on the docker runtime (configure the engine's userns-remap instead)".into(),
+        ));
+    }
     let host_config = HostConfig {
         nano_cpus: (spec.cpu_millis > 0).then(|| i64::from(spec.cpu_millis) * 1_000_000),
         memory,
         // No swap beyond the limit, as runc's limit alone gives.
         memory_swap: memory,
-        network_mode: Some("none".into()),
+        network_mode: Some(if spec.host_network { "host" } else { "none" }.into()),
         cap_drop: Some(vec!["ALL".into()]),
         cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
         security_opt: Some(vec!["no-new-privileges".into()]),
-        readonly_rootfs: Some(false),
+        readonly_rootfs: Some(spec.read_only_root),
+        pids_limit: Some(i64::from(spec.effective_pids_limit())),
         privileged: Some(false),
         init: Some(false),
         ulimits: Some(vec![ResourcesUlimits {
@@ -939,6 +950,7 @@ mod tests {
             labels,
             hostname: None,
             expires_at: None,
+            ..SandboxSpec::default()
         }
     }
 

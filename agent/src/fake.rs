@@ -94,6 +94,12 @@ impl FakeRuntime {
         self.state().sandboxes.get(id).map(|s| s.phase)
     }
 
+    /// The spec a sandbox was created with (env merged with its secret
+    /// env, as the agent received it), `None` when it does not hold it.
+    pub fn spec(&self, id: &str) -> Option<SandboxSpec> {
+        self.state().sandboxes.get(id).map(|s| s.spec.clone())
+    }
+
     /// Makes a running sandbox's main process "exit" with `code`, as if it
     /// ended on its own. Returns false when there is no such sandbox.
     pub fn simulate_exit(&self, id: &str, code: i32) -> bool {

@@ -18,6 +18,7 @@ pub mod connection;
 pub mod docker;
 mod exec_io;
 pub mod fake;
+pub mod hardening;
 pub mod images;
 pub mod metrics;
 pub mod process;

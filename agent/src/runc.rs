@@ -36,8 +36,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, RootBuilder, Spec,
+    LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, RootBuilder, Spec,
 };
 use serde::Deserialize;
 
@@ -135,8 +136,11 @@ impl RuncState {
 
 /// Builds the OCI runtime config of a sandbox: the main process as an
 /// argument vector, its env (with a default PATH), working directory,
-/// hostname, a writable root at `rootfs`, the pid/mount/uts/ipc/network
-/// namespaces, CPU and memory limits, and the corral annotations.
+/// hostname, the root at `rootfs` (read-only when asked), the
+/// pid/mount/uts/ipc namespaces plus network (unless `host_network`) and
+/// user (when `user_namespace`), CPU, memory and pids limits, the hardening
+/// of [`crate::hardening`] (no new privileges, the reduced capability set,
+/// the default seccomp profile), and the corral annotations.
 pub fn oci_config(spec: &SandboxSpec) -> Result<Spec, RuntimeError> {
     let invalid = |e: oci_spec::OciSpecError| RuntimeError::runtime("building the OCI config", e);
     let mut oci = Spec::default();
@@ -146,38 +150,70 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Spec, RuntimeError> {
     process.set_env(Some(spec.env_list()));
     process.set_cwd(PathBuf::from(spec.workdir.as_deref().unwrap_or("/")));
     process.set_terminal(Some(false));
+    process.set_no_new_privileges(Some(true));
+    let caps: oci_spec::runtime::Capabilities =
+        crate::hardening::CAPABILITIES.iter().copied().collect();
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps)
+            .inheritable(oci_spec::runtime::Capabilities::new())
+            .ambient(oci_spec::runtime::Capabilities::new())
+            .build()
+            .map_err(invalid)?,
+    ));
     oci.set_process(Some(process));
 
     oci.set_hostname(Some(spec.effective_hostname()));
     oci.set_root(Some(
         RootBuilder::default()
             .path("rootfs")
-            .readonly(false)
+            .readonly(spec.read_only_root)
             .build()
             .map_err(invalid)?,
     ));
 
-    let namespaces = [
+    let mut namespaces = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Network,
-    ]
-    .into_iter()
-    .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(invalid)?;
+    ];
+    if !spec.host_network {
+        // Its own network namespace: loopback only.
+        namespaces.push(LinuxNamespaceType::Network);
+    }
+    if spec.user_namespace {
+        if !crate::hardening::user_namespaces_supported() {
+            return Err(RuntimeError::Unsupported(
+                "this host does not support user namespaces".into(),
+            ));
+        }
+        namespaces.push(LinuxNamespaceType::User);
+    }
+    let namespaces = namespaces
+        .into_iter()
+        .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
 
-    let mut resources = LinuxResourcesBuilder::default().devices(vec![
-        // Deny every device; runc adds its default allow-list (null, zero,
-        // full, tty, random, urandom) after it.
-        LinuxDeviceCgroupBuilder::default()
-            .allow(false)
-            .access("rwm")
-            .build()
-            .map_err(invalid)?,
-    ]);
+    let mut resources = LinuxResourcesBuilder::default()
+        .pids(
+            LinuxPidsBuilder::default()
+                .limit(i64::from(spec.effective_pids_limit()))
+                .build()
+                .map_err(invalid)?,
+        )
+        .devices(vec![
+            // Deny every device; runc adds its default allow-list (null, zero,
+            // full, tty, random, urandom) after it.
+            LinuxDeviceCgroupBuilder::default()
+                .allow(false)
+                .access("rwm")
+                .build()
+                .map_err(invalid)?,
+        ]);
     if spec.cpu_millis > 0 {
         resources = resources.cpu(
             LinuxCpuBuilder::default()
@@ -201,14 +237,26 @@ pub fn oci_config(spec: &SandboxSpec) -> Result<Spec, RuntimeError> {
         );
     }
     let default_linux = oci.linux().clone().unwrap_or_default();
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .resources(resources.build().map_err(invalid)?)
         .cgroups_path(PathBuf::from(format!("/corral/{}", spec.id)))
         .masked_paths(default_linux.masked_paths().clone().unwrap_or_default())
         .readonly_paths(default_linux.readonly_paths().clone().unwrap_or_default())
-        .build()
-        .map_err(invalid)?;
+        .seccomp(crate::hardening::seccomp_profile()?);
+    if spec.user_namespace {
+        // Root inside is USERNS_HOST_BASE outside, and so on for 64k ids.
+        let mapping = LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(crate::hardening::USERNS_HOST_BASE)
+            .size(crate::hardening::USERNS_SIZE)
+            .build()
+            .map_err(invalid)?;
+        linux = linux
+            .uid_mappings(vec![mapping])
+            .gid_mappings(vec![mapping]);
+    }
+    let linux = linux.build().map_err(invalid)?;
     oci.set_linux(Some(linux));
 
     let mut annotations = HashMap::new();
@@ -1004,6 +1052,80 @@ mod tests {
             labels,
             hostname: None,
             expires_at: None,
+            ..SandboxSpec::default()
+        }
+    }
+
+    #[test]
+    fn the_oci_config_is_hardened_and_honours_the_options() {
+        let oci = oci_config(&spec()).expect("config");
+        let process = oci.process().as_ref().expect("process");
+        assert_eq!(process.no_new_privileges(), Some(true));
+        let caps = process.capabilities().as_ref().expect("capabilities");
+        let want: oci_spec::runtime::Capabilities =
+            crate::hardening::CAPABILITIES.iter().copied().collect();
+        assert_eq!(caps.bounding().as_ref(), Some(&want));
+        assert_eq!(caps.effective().as_ref(), Some(&want));
+        assert_eq!(caps.permitted().as_ref(), Some(&want));
+        assert!(caps.ambient().as_ref().is_none_or(|a| a.is_empty()));
+        let linux = oci.linux().as_ref().expect("linux");
+        assert!(linux.seccomp().is_some(), "the default seccomp profile");
+        let pids = linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.pids().as_ref())
+            .map(|p| p.limit());
+        assert_eq!(pids, Some(i64::from(crate::runtime::DEFAULT_PIDS_LIMIT)));
+        let has_ns = |oci: &Spec, typ: LinuxNamespaceType| {
+            oci.linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|n| n.iter().any(|ns| ns.typ() == typ))
+        };
+        assert!(has_ns(&oci, LinuxNamespaceType::Network));
+        assert!(!has_ns(&oci, LinuxNamespaceType::User));
+        assert_eq!(oci.root().as_ref().and_then(|r| r.readonly()), Some(false));
+
+        let opted = SandboxSpec {
+            host_network: true,
+            read_only_root: true,
+            pids_limit: 99_999,
+            ..spec()
+        };
+        let oci = oci_config(&opted).expect("config");
+        assert!(!has_ns(&oci, LinuxNamespaceType::Network), "host network");
+        assert_eq!(oci.root().as_ref().and_then(|r| r.readonly()), Some(true));
+        let pids = oci
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.pids().as_ref())
+            .map(|p| p.limit());
+        assert_eq!(
+            pids,
+            Some(i64::from(crate::runtime::MAX_PIDS_LIMIT)),
+            "capped"
+        );
+
+        let userns = SandboxSpec {
+            user_namespace: true,
+            ..spec()
+        };
+        match oci_config(&userns) {
+            Ok(oci) => {
+                assert!(has_ns(&oci, LinuxNamespaceType::User));
+                let maps = oci
+                    .linux()
+                    .as_ref()
+                    .and_then(|l| l.uid_mappings().clone())
+                    .expect("uid mappings");
+                assert_eq!(maps[0].container_id(), 0);
+                assert_eq!(maps[0].host_id(), crate::hardening::USERNS_HOST_BASE);
+            }
+            Err(err) => {
+                assert!(!crate::hardening::user_namespaces_supported());
+                assert!(matches!(err, RuntimeError::Unsupported(_)), "{err:?}");
+            }
         }
     }
 

@@ -32,8 +32,14 @@ pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// The PATH a sandbox's processes get when their env does not set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// What to create: the runtime-independent description of a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// A sandbox's process limit when the request leaves it at 0.
+pub const DEFAULT_PIDS_LIMIT: u32 = 1024;
+/// The largest process limit a runtime applies, whatever the request says.
+pub const MAX_PIDS_LIMIT: u32 = 32_768;
+
+/// What to create: the runtime-independent description of a sandbox. Its
+/// Debug output shows env keys only (values may be secrets).
+#[derive(Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SandboxSpec {
     pub id: String,
     pub image: String,
@@ -55,9 +61,51 @@ pub struct SandboxSpec {
     /// the agent's watchdog finds it again after an agent restart.
     #[serde(default)]
     pub expires_at: Option<SystemTime>,
+    /// Share the host's network; otherwise a network namespace with only
+    /// loopback (runtimes that cannot isolate the network ignore this).
+    #[serde(default)]
+    pub host_network: bool,
+    /// Mount the root filesystem read-only.
+    #[serde(default)]
+    pub read_only_root: bool,
+    /// Process/thread limit; 0 means [`DEFAULT_PIDS_LIMIT`].
+    #[serde(default)]
+    pub pids_limit: u32,
+    /// Run in a user namespace (root inside is unprivileged outside).
+    #[serde(default)]
+    pub user_namespace: bool,
+}
+
+impl std::fmt::Debug for SandboxSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxSpec")
+            .field("id", &self.id)
+            .field("image", &self.image)
+            .field("command", &self.command)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("workdir", &self.workdir)
+            .field("cpu_millis", &self.cpu_millis)
+            .field("memory_mb", &self.memory_mb)
+            .field("labels", &self.labels)
+            .field("hostname", &self.hostname)
+            .field("expires_at", &self.expires_at)
+            .field("host_network", &self.host_network)
+            .field("read_only_root", &self.read_only_root)
+            .field("pids_limit", &self.pids_limit)
+            .field("user_namespace", &self.user_namespace)
+            .finish()
+    }
 }
 
 impl SandboxSpec {
+    /// The process limit to apply: the request's, or the default, capped.
+    pub fn effective_pids_limit(&self) -> u32 {
+        match self.pids_limit {
+            0 => DEFAULT_PIDS_LIMIT,
+            n => n.min(MAX_PIDS_LIMIT),
+        }
+    }
+
     /// The hostname the sandbox gets.
     pub fn effective_hostname(&self) -> String {
         match &self.hostname {
@@ -479,11 +527,19 @@ fn non_empty(s: String) -> Option<String> {
 
 impl From<pb::CreateSandbox> for SandboxSpec {
     fn from(c: pb::CreateSandbox) -> Self {
+        // Secret values join the env here; the control plane refuses a key
+        // in both, and should one come anyway the secret wins.
+        let mut env: BTreeMap<String, String> = c.env.into_iter().collect();
+        env.extend(c.secret_env);
         SandboxSpec {
             id: c.sandbox_id,
             image: c.image,
             command: c.command,
-            env: c.env.into_iter().collect(),
+            env,
+            host_network: c.network == "host",
+            read_only_root: c.read_only_root,
+            pids_limit: c.pids_limit,
+            user_namespace: c.user_namespace,
             workdir: non_empty(c.workdir),
             cpu_millis: c.cpu_millis,
             memory_mb: c.memory_mb,
@@ -737,6 +793,32 @@ mod tests {
         assert_eq!(spec.expires_at, Some(at));
         let spec = SandboxSpec::from(pb::CreateSandbox::default());
         assert_eq!(spec.expires_at, None);
+    }
+
+    #[test]
+    fn secret_env_joins_env_and_debug_shows_no_values() {
+        let spec = SandboxSpec::from(pb::CreateSandbox {
+            sandbox_id: "sbx_1".into(),
+            env: [("PLAIN".to_string(), "p-value".to_string())].into(),
+            secret_env: [("TOKEN".to_string(), "hunter2".to_string())].into(),
+            network: "host".into(),
+            read_only_root: true,
+            pids_limit: 64,
+            ..Default::default()
+        });
+        assert_eq!(spec.env.get("TOKEN").map(String::as_str), Some("hunter2"));
+        assert_eq!(spec.env.get("PLAIN").map(String::as_str), Some("p-value"));
+        assert!(spec.host_network && spec.read_only_root);
+        assert_eq!(spec.effective_pids_limit(), 64);
+        let text = format!("{spec:?}");
+        assert!(text.contains("TOKEN"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("p-value"),
+            "{text}"
+        );
+        let default = SandboxSpec::from(pb::CreateSandbox::default());
+        assert!(!default.host_network);
+        assert_eq!(default.effective_pids_limit(), DEFAULT_PIDS_LIMIT);
     }
 
     #[tokio::test]

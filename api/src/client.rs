@@ -1,5 +1,7 @@
 //! The `corral sandbox ...` and `corral admin ...` commands: a small REST
-//! client over plain HTTP (reqwest), printing for people on stdout.
+//! client over HTTP or HTTPS (reqwest with rustls and the ring provider;
+//! `--ca-cert` to trust a private CA, `--client-cert`/`--client-key` for a
+//! client certificate), printing for people on stdout.
 //!
 //! Errors come back as `anyhow` errors whose text is what the user should
 //! read after `error: `; an API error reads `<message> (<code>)`.
@@ -37,6 +39,65 @@ pub struct Connection {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// PEM CA certificate to verify an https server with (instead of the
+    /// system's roots).
+    #[arg(long, env = "CORRAL_CA_CERT", global = true, value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// PEM client certificate to present (with --client-key).
+    #[arg(
+        long,
+        env = "CORRAL_CLIENT_CERT",
+        global = true,
+        value_name = "PEM",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        env = "CORRAL_CLIENT_KEY",
+        global = true,
+        value_name = "PEM",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// The HTTP client for `conn`: rustls (ring), the CA and client
+/// certificate when given.
+fn http_client(conn: &Connection) -> anyhow::Result<reqwest::Client> {
+    crate::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &conn.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the CA certificate {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", path.display());
+        }
+        builder = builder.tls_certs_only(certs);
+    }
+    if let (Some(cert), Some(key)) = (&conn.client_cert, &conn.client_key) {
+        let mut pem = std::fs::read(cert)
+            .with_context(|| format!("reading the client certificate {}", cert.display()))?;
+        pem.push(b'\n');
+        pem.extend(
+            std::fs::read(key)
+                .with_context(|| format!("reading the client key {}", key.display()))?,
+        );
+        let identity = reqwest::Identity::from_pem(&pem).with_context(|| {
+            format!(
+                "{} and {} are not a PEM certificate and key",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder.build().context("cannot set up the HTTP client")
 }
 
 /// `corral admin hosts ...`
@@ -102,6 +163,23 @@ pub enum SandboxCommand {
         /// Working directory of COMMAND (absolute).
         #[arg(long, value_name = "PATH")]
         workdir: Option<String>,
+        /// Secret environment variable (repeatable): encrypted at rest,
+        /// shown as ***. `K` alone takes the value of K in this shell's
+        /// environment, which keeps it out of the process list.
+        #[arg(long = "secret-env", value_name = "K[=V]", value_parser = parse_secret_env)]
+        secret_env: Vec<(String, String)>,
+        /// Network: none (default, loopback only) or host (if the server allows it).
+        #[arg(long, value_name = "none|host")]
+        network: Option<String>,
+        /// Mount the root filesystem read-only.
+        #[arg(long)]
+        read_only_root: bool,
+        /// Most processes/threads in the sandbox (default: the host's).
+        #[arg(long, value_name = "N")]
+        pids_limit: Option<i64>,
+        /// Run in a user namespace (root inside is unprivileged on the host).
+        #[arg(long)]
+        user_namespace: bool,
         /// Return as soon as the sandbox is accepted, without waiting for it to run.
         #[arg(long)]
         no_wait: bool,
@@ -445,6 +523,19 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `--secret-env`: `K=V`, or `K` alone for the value of `K` in this
+/// process's environment. The error never echoes a value.
+pub fn parse_secret_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err("invalid --secret-env: the key is empty".into()),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None if s.is_empty() => Err("invalid --secret-env: the key is empty".into()),
+        None => std::env::var(s)
+            .map(|v| (s.to_string(), v))
+            .map_err(|_| format!("--secret-env {s}: {s} is not set in the environment")),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // HTTP plumbing
 // ---------------------------------------------------------------------------
@@ -536,11 +627,7 @@ impl Api {
                 })?,
         };
         let base = parse_base_url(&conn.url)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+        let http = http_client(conn)?;
         Ok(Api {
             http,
             base,
@@ -593,14 +680,11 @@ fn parse_base_url(raw: &str) -> anyhow::Result<Url> {
     let url =
         Url::parse(raw.trim()).with_context(|| format!("invalid --url / CORRAL_URL {raw:?}"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            bail!("invalid --url / CORRAL_URL {raw:?}: this build of corral speaks plain HTTP only")
-        }
+        "http" | "https" => {}
         other => bail!("invalid --url / CORRAL_URL {raw:?}: unsupported scheme {other:?}"),
     }
     if url.cannot_be_a_base() || url.host_str().is_none() {
-        bail!("invalid --url / CORRAL_URL {raw:?}: expected http://HOST[:PORT]");
+        bail!("invalid --url / CORRAL_URL {raw:?}: expected http(s)://HOST[:PORT]");
     }
     Ok(url)
 }
@@ -829,6 +913,11 @@ pub async fn run_sandbox(conn: &Connection, cmd: SandboxCommand) -> anyhow::Resu
             env,
             labels,
             workdir,
+            secret_env,
+            network,
+            read_only_root,
+            pids_limit,
+            user_namespace,
             no_wait,
             json,
             strategy,
@@ -863,6 +952,23 @@ pub async fn run_sandbox(conn: &Connection, cmd: SandboxCommand) -> anyhow::Resu
             ] {
                 if let Some(value) = value {
                     placement.insert(key.to_string(), value);
+                }
+            }
+            if let Value::Object(map) = &mut body {
+                if !secret_env.is_empty() {
+                    map.insert("secret_env".into(), json!(to_map(secret_env)));
+                }
+                if read_only_root {
+                    map.insert("read_only_root".into(), Value::Bool(true));
+                }
+                if user_namespace {
+                    map.insert("user_namespace".into(), Value::Bool(true));
+                }
+                if let Some(network) = network {
+                    map.insert("network".into(), Value::from(network));
+                }
+                if let Some(pids) = pids_limit {
+                    map.insert("pids_limit".into(), Value::from(pids));
                 }
             }
             if let Value::Object(map) = &mut body {
@@ -1655,7 +1761,7 @@ root (running)
             url.as_str(),
             "http://example.com/corral/v1/sandboxes/a%2Fb%3Fc"
         );
-        assert!(parse_base_url("https://example.com").is_err());
+        assert!(parse_base_url("https://example.com").is_ok());
         assert!(parse_base_url("ftp://example.com").is_err());
         assert!(parse_base_url("not a url").is_err());
     }
@@ -1767,6 +1873,9 @@ root (running)
             url: "http://127.0.0.1:7070".into(),
             api_key: None,
             admin_token: Some(String::new()),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
         };
         let err = Api::new(&conn, Auth::Org).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("CORRAL_API_KEY") && e.contains("--api-key")));

@@ -79,6 +79,21 @@ async fn agent_token(store: &Store, agent_dir: &Path) -> anyhow::Result<PathBuf>
     Ok(path)
 }
 
+/// `<data dir>/secret.key` (0600), made on first start: the key that seals
+/// sandbox secret env values. Kept across restarts, or the secrets of
+/// existing sandboxes could not be decrypted.
+fn dev_secret_key(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("secret.key");
+    if !path.exists() {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        let key = corral_actors::secrets::SecretKey::generate()
+            .map_err(|e| anyhow::anyhow!("making a secret key: {e}"))?;
+        write_private(&path, &format!("{}\n", key.to_hex()))?;
+    }
+    Ok(path)
+}
+
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -102,6 +117,9 @@ pub async fn run(mut config: DevConfig) -> anyhow::Result<()> {
         None => random_token()?,
     };
     config.server.admin_token = Some(admin_token.clone());
+    if config.server.secret_key_file.is_none() {
+        config.server.secret_key_file = Some(dev_secret_key(&config.server.data_dir)?);
+    }
     let server = Server::start(config.server.clone()).await?;
     let store = server.control_plane.store().clone();
 

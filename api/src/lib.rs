@@ -33,4 +33,6 @@ pub struct AppState {
     pub agent_streams: grpc::LiveConnections,
     /// REST latencies for `/metrics`.
     pub http_metrics: Arc<observe::HttpMetrics>,
+    /// Whether sandboxes may use the host's network (`--allow-host-network`).
+    pub allow_host_network: bool,
 }

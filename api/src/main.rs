@@ -35,6 +35,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before any HTTP client or TLS config is built (reqwest has no
+    // provider of its own).
+    corral_api::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(config) => {

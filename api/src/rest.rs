@@ -383,6 +383,23 @@ pub struct CreateSandboxRequest {
     /// `never` (default) or `on_host_loss`: created again on another host
     /// when its host is lost or drained.
     pub restart_policy: Option<String>,
+    /// Env values that are secret: encrypted at rest, shown as `***`,
+    /// decrypted only for the host. Same rules as `env`; a key may not be
+    /// in both. Needs a secret key on the server (else 422
+    /// `secrets_unavailable`).
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// `none` (default: loopback only) or `host` (the host's network; only
+    /// when the server allows it, else 403 `network_not_allowed`).
+    pub network: Option<String>,
+    /// Mount the root filesystem read-only (default false).
+    pub read_only_root: Option<bool>,
+    /// Most processes/threads in the sandbox (8-32768; default: the host's,
+    /// 1024 unless configured).
+    pub pids_limit: Option<u32>,
+    /// Run in a user namespace: root inside is an unprivileged user on the
+    /// host (default false; the host must support it).
+    pub user_namespace: Option<bool>,
 }
 
 /// A sandbox as its owner sees it.
@@ -413,11 +430,29 @@ pub struct SandboxView {
     pub host_id: Option<String>,
     /// never or on_host_loss.
     pub restart_policy: String,
+    /// The secret env keys, each with the value `***`.
+    pub secret_env: BTreeMap<String, String>,
+    /// `none` or `host`.
+    pub network: String,
+    pub read_only_root: bool,
+    /// `null`: the host's default.
+    pub pids_limit: Option<u32>,
+    pub user_namespace: bool,
 }
 
 impl From<store::sandbox::Model> for SandboxView {
     fn from(m: store::sandbox::Model) -> Self {
+        let security: domain::SandboxSecurity = m
+            .security
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
         Self {
+            secret_env: corral_actors::secrets::redacted(m.secret_env.as_ref()),
+            network: security.network.as_str().to_string(),
+            read_only_root: security.read_only_root,
+            pids_limit: security.pids_limit,
+            user_namespace: security.user_namespace,
             id: m.id,
             name: m.name,
             image: m.image,
@@ -612,7 +647,32 @@ fn validate_create(
         allow_strategy_override,
         max_wait_ms,
     )?;
+    domain::validate_secret_env(&req.env, &req.secret_env)?;
+    let network = match req.network.as_deref() {
+        None => domain::Network::None,
+        Some(text) => domain::Network::parse(text)
+            .ok_or_else(|| ApiError::bad_request("network must be \"none\" or \"host\""))?,
+    };
+    let pids_limit = req
+        .pids_limit
+        .map(|p| {
+            domain::validate_range(
+                "pids_limit",
+                p,
+                limits::MIN_PIDS_LIMIT,
+                limits::MAX_PIDS_LIMIT,
+            )
+        })
+        .transpose()?;
+    let security = domain::SandboxSecurity {
+        network,
+        read_only_root: req.read_only_root.unwrap_or(false),
+        pids_limit,
+        user_namespace: req.user_namespace.unwrap_or(false),
+    };
     Ok(SandboxSpec {
+        secret_env: domain::SecretEnv(req.secret_env),
+        security,
         name: req.name,
         image: req.image,
         command: req.command,
@@ -1078,7 +1138,8 @@ async fn revoke_api_key(
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandboxRequest,
     params(("wait" = Option<bool>, Query, description = "Answer once running (default true)")),
     responses((status = 201, body = SandboxView), (status = 400, body = ErrorBody),
-        (status = 422, body = ErrorBody, description = "The host refused, e.g. image_not_found"),
+        (status = 403, body = ErrorBody, description = "network_not_allowed"),
+        (status = 422, body = ErrorBody, description = "The host refused, e.g. image_not_found; or secrets_unavailable"),
         (status = 503, body = ErrorBody, description = "no_capacity, host_unavailable")), tag = "sandboxes")]
 async fn create_sandbox(
     caller: OrgCaller,
@@ -1095,6 +1156,20 @@ async fn create_sandbox(
         state.control_plane.scheduling().allow_strategy_override,
         max_wait_ms,
     )?;
+    if !spec.secret_env.is_empty() && state.control_plane.store().secrets().is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "secrets_unavailable",
+            "secret_env needs a secret key on the server (--secret-key-file); none is configured",
+        ));
+    }
+    if spec.security.network == domain::Network::Host && !state.allow_host_network {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "network_not_allowed",
+            "network \"host\" is not allowed on this server (--allow-host-network)",
+        ));
+    }
     let row = state
         .control_plane
         .create_sandbox(&caller.org_id, spec, q.wait)
@@ -1104,6 +1179,8 @@ async fn create_sandbox(
         let reason = row.failure_reason.clone().unwrap_or_default();
         let code = if reason.starts_with("image_not_found") {
             "image_not_found"
+        } else if reason.starts_with("secrets_unavailable") {
+            "secrets_unavailable"
         } else {
             "sandbox_failed"
         };

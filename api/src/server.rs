@@ -132,6 +132,15 @@ pub struct ServerConfig {
     /// Hosts a create is tried on when hosts fail it (runtime errors).
     #[arg(long, env = "CORRAL_MAX_CREATE_ATTEMPTS", default_value_t = 3)]
     pub max_create_attempts: u32,
+    /// File holding the key that encrypts sandbox secret env values at rest
+    /// (64 hex digits; `corral dev` makes `<data dir>/secret.key`). Without
+    /// one, creates with `secret_env` are refused (422 secrets_unavailable).
+    #[arg(long, env = "CORRAL_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Let sandboxes ask for `network: host` (the host's network stack).
+    /// Without it such creates are refused (403 network_not_allowed).
+    #[arg(long, env = "CORRAL_ALLOW_HOST_NETWORK")]
+    pub allow_host_network: bool,
 }
 
 impl ServerConfig {
@@ -170,6 +179,8 @@ impl ServerConfig {
             placement_strategy: "spread".into(),
             no_strategy_override: false,
             max_create_attempts: 3,
+            secret_key_file: None,
+            allow_host_network: false,
         }
     }
 
@@ -359,6 +370,7 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        crate::tls::install_crypto_provider();
         let tls = config.tls()?;
         if config.database_url.is_none() {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -381,11 +393,18 @@ impl Server {
             min_balance_micros: config.billing_min_balance_micros,
             hold_window: Duration::from_millis(config.billing_hold_window_ms),
         };
+        let secret_key = config
+            .secret_key_file
+            .as_deref()
+            .map(corral_actors::secrets::SecretKey::from_file)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
         let control_plane = ControlPlane::start(ControlPlaneConfig {
             database_url: config.database_url(),
             timeouts,
             billing,
             scheduling: config.scheduling()?,
+            secret_key,
         })
         .await
         .map_err(|e| anyhow::anyhow!("starting the control plane: {e:?}"))?;
@@ -398,6 +417,7 @@ impl Server {
             limits: crate::limits::Limits::new(config.limits()),
             agent_streams: agent_streams.clone(),
             http_metrics: Default::default(),
+            allow_host_network: config.allow_host_network,
         };
         let (shutdown, _) = watch::channel(false);
 

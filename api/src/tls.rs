@@ -23,6 +23,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; more wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 
+/// Installs ring as the process-wide rustls crypto provider, once; later
+/// calls (and a provider someone else installed) are left alone. reqwest is
+/// built with `rustls-no-provider` (no aws-lc-rs C build), so every entry
+/// point calls this before it builds an HTTP client: the server, the CLI,
+/// and the test harness.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The PEM material the server was given.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {

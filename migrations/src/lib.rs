@@ -10,6 +10,7 @@ mod m20261123_000001_initial;
 mod m20261123_000002_billing;
 mod m20261123_000003_security;
 mod m20261123_000004_scheduling;
+mod m20261123_000005_secrets;
 
 pub use m20261123_000002_billing::DEFAULT_PLAN_ID;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000002_billing::Migration),
             Box::new(m20261123_000003_security::Migration),
             Box::new(m20261123_000004_scheduling::Migration),
+            Box::new(m20261123_000005_secrets::Migration),
         ]
     }
 }

@@ -27,6 +27,9 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
 pub fn init_logging() {
+    // reqwest has no crypto provider of its own: install ring before any
+    // client is built (every test starts here or in Api::new).
+    corral_api::tls::install_crypto_provider();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -64,6 +67,7 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        corral_api::tls::install_crypto_provider();
         Self {
             base: base.into(),
             token: token.into(),

@@ -76,6 +76,8 @@ fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
         expires_at: None,
         restart_policy: "never".into(),
         placement: None,
+        secret_env: None,
+        security: None,
     }
 }
 

@@ -280,3 +280,99 @@ async fn plaintext_is_refused_off_loopback_unless_allowed() {
     let server = Server::start(config).await.expect("loopback plaintext");
     server.shutdown().await;
 }
+
+/// Runs the `corral` CLI with `args`; (success, stdout, stderr).
+async fn corral_cli(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(corral_tests::binary("corral"))
+        .args(args)
+        .env_remove("CORRAL_URL")
+        .env_remove("CORRAL_API_KEY")
+        .env_remove("CORRAL_ADMIN_TOKEN")
+        .env_remove("CORRAL_CA_CERT")
+        .env_remove("CORRAL_CLIENT_CERT")
+        .env_remove("CORRAL_CLIENT_KEY")
+        .output()
+        .await
+        .expect("run corral");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_speaks_tls_with_a_custom_ca_and_a_client_certificate() {
+    let (pki, ca) = Pki::new();
+    let server = pki.leaf(&ca, "server");
+    let client = pki.leaf(&ca, "cli");
+    let cp = TestServer::start_with(with_tls(&server.cert, &server.key, None)).await;
+    let url = format!("https://localhost:{}", cp.server.http_addr.port());
+    let ca_path = pki.ca_path();
+    let ca_arg = ca_path.to_string_lossy().into_owned();
+
+    // Trusting our CA: the admin command answers over HTTPS.
+    let (ok, stdout, stderr) = corral_cli(&[
+        "--url",
+        &url,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--ca-cert",
+        &ca_arg,
+        "admin",
+        "hosts",
+    ])
+    .await;
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+
+    // With a client certificate too (REST does not ask for one; presenting
+    // it must not break anything).
+    let (ok, stdout, stderr) = corral_cli(&[
+        "--url",
+        &url,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--ca-cert",
+        &ca_arg,
+        "--client-cert",
+        &client.cert.to_string_lossy(),
+        "--client-key",
+        &client.key.to_string_lossy(),
+        "admin",
+        "hosts",
+    ])
+    .await;
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+
+    // Not trusting it (another CA): refused by the CLI's own check.
+    let (other_pki, _other_ca) = Pki::new();
+    let other_ca = other_pki.ca_path();
+    let (ok, _, stderr) = corral_cli(&[
+        "--url",
+        &url,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--ca-cert",
+        &other_ca.to_string_lossy(),
+        "admin",
+        "hosts",
+    ])
+    .await;
+    assert!(!ok, "a server signed by an unknown CA must be refused");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+
+    // A file that is not a certificate is a clear error.
+    let (ok, _, stderr) = corral_cli(&[
+        "--url",
+        &url,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--ca-cert",
+        &client.key.to_string_lossy(),
+        "admin",
+        "hosts",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("certificate"), "{stderr}");
+}

@@ -798,6 +798,8 @@ mod tests {
             expires_at: None,
             restart_policy: "never".into(),
             placement: None,
+            secret_env: None,
+            security: None,
         }
     }
 

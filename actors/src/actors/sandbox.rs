@@ -199,6 +199,38 @@ fn json_map(value: &serde_json::Value) -> BTreeMap<String, String> {
     serde_json::from_value(value.clone()).unwrap_or_default()
 }
 
+/// The sandbox's secret env in plaintext, for the create message only.
+fn open_secret_env(
+    store: &Store,
+    row: &sandbox::Model,
+) -> Result<BTreeMap<String, String>, CorralError> {
+    let Some(sealed) = row
+        .secret_env
+        .as_ref()
+        .filter(|v| v.as_object().is_some_and(|m| !m.is_empty()))
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let sealer = store.secrets().ok_or_else(|| {
+        CorralError::InvalidState(
+            "the control plane has no secret key to decrypt secret_env".into(),
+        )
+    })?;
+    sealer.open_env(&row.id, sealed).map_err(|_| {
+        CorralError::InvalidState(
+            "secret_env cannot be decrypted with the configured secret key".into(),
+        )
+    })
+}
+
+/// The hardening options stored with the sandbox (defaults when none).
+fn security_of(row: &sandbox::Model) -> crate::domain::SandboxSecurity {
+    row.security
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
 fn observed_state(phase: i32) -> Option<SandboxState> {
     match pb::SandboxPhase::try_from(phase).ok()? {
         pb::SandboxPhase::Running => Some(SandboxState::Running),
@@ -437,6 +469,22 @@ impl SandboxActor {
             row.state = transitional.as_str().to_string();
             row = self.persist(state, row).await?;
         }
+        let secret_env = if step == Step::Create {
+            match open_secret_env(&state.store, &row) {
+                Ok(env) => env,
+                Err(err) => {
+                    // Without its secrets the sandbox cannot run as asked.
+                    row.state = SandboxState::Failed.as_str().to_string();
+                    row.failure_reason = Some(format!("secrets_unavailable: {err}"));
+                    self.persist(state, row).await?;
+                    self.release(state);
+                    return Err(err);
+                }
+            }
+        } else {
+            BTreeMap::new()
+        };
+        let security = security_of(&row);
         let (payload, timeout) = match step {
             Step::Create => (
                 pb::control_message::Payload::Create(pb::CreateSandbox {
@@ -450,6 +498,11 @@ impl SandboxActor {
                     labels: json_map(&row.labels).into_iter().collect(),
                     hostname: row.name.clone().unwrap_or_else(|| row.id.clone()),
                     expires_at_unix_ms: row.expires_at.map_or(0, |t| t.timestamp_millis()),
+                    secret_env: secret_env.into_iter().collect(),
+                    network: security.network.as_str().to_string(),
+                    read_only_root: security.read_only_root,
+                    pids_limit: security.pids_limit.unwrap_or(0),
+                    user_namespace: security.user_namespace,
                 }),
                 state.timeouts.create,
             ),

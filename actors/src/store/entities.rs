@@ -150,6 +150,11 @@ pub mod sandbox {
         /// The placement constraints it was created with
         /// ([`crate::domain::Placement`]), reused when it is placed again.
         pub placement: Option<Json>,
+        /// Secret env values, each sealed (`crate::secrets`): never
+        /// plaintext. `None` means none.
+        pub secret_env: Option<Json>,
+        /// `domain::SandboxSecurity` as JSON; `None` means the defaults.
+        pub security: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -34,6 +34,9 @@ pub use entities::{
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Seals sandbox secret env values; `None` when no secret key is
+    /// configured (then creates with secrets are refused).
+    secrets: Option<crate::secrets::SecretBox>,
 }
 
 /// A secret as shown once to its owner, with the row that stores its hash.
@@ -126,7 +129,19 @@ impl Store {
         }
         let db = Database::connect(options).await?;
         Migrator::up(&db, None).await?;
-        Ok(Self { db })
+        Ok(Self { db, secrets: None })
+    }
+
+    /// This store with a secret key: sandbox secret env values are sealed
+    /// with it on insert and opened with it for the agent.
+    pub fn with_secret_key(mut self, key: Option<&crate::secrets::SecretKey>) -> Self {
+        self.secrets = key.map(crate::secrets::SecretBox::new);
+        self
+    }
+
+    /// The sealer of secret env values, if a key is configured.
+    pub fn secrets(&self) -> Option<&crate::secrets::SecretBox> {
+        self.secrets.as_ref()
     }
 
     pub fn connection(&self) -> &DatabaseConnection {

@@ -99,6 +99,8 @@ async fn seed(
                 expires_at: None,
                 restart_policy: "never".into(),
                 placement: None,
+                secret_env: None,
+                security: None,
             }
         })
         .collect();
