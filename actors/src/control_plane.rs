@@ -119,7 +119,10 @@ impl ControlPlane {
         scheduling: SchedulingPolicy,
         billing_hook: Arc<dyn BillingHook>,
     ) -> Result<Self> {
-        let prefix = format!("{}/", &new_id("cp")[3..15]);
+        // The random end of the id: its start is the millisecond, which two
+        // control planes started together in one process (tests) share.
+        let id = new_id("cp");
+        let prefix = format!("{}/", &id[id.len() - 12..]);
         let metrics = Metrics::default();
         let (root, root_task) = Actor::spawn(
             Some(names::singleton(&prefix, names::ROOT)),
