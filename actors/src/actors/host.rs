@@ -224,9 +224,11 @@ impl Actor for HostActor {
                         state,
                         row,
                         false,
-                        waiter,
-                        tried,
-                        tracing::Span::none(),
+                        Creator {
+                            waiter,
+                            tried,
+                            span: tracing::Span::none(),
+                        },
                     )
                     .await
                 {
@@ -368,6 +370,17 @@ pub fn classify_unaccounted(row: Option<&sandbox::Model>, host_id: &str) -> Unac
         }
         _ => Unaccounted::Orphan,
     }
+}
+
+/// Who is waiting on a sandbox actor being started, and what its placement
+/// already learned.
+struct Creator {
+    /// Answered with the outcome of the first convergence.
+    waiter: Option<RpcReplyPort<SandboxReply>>,
+    /// Hosts that already failed (or lost) this sandbox.
+    tried: std::collections::BTreeSet<String>,
+    /// The creator's span: the first convergence joins its trace.
+    span: tracing::Span,
 }
 
 impl HostActor {
@@ -709,7 +722,12 @@ impl HostActor {
         waiter: Option<RpcReplyPort<SandboxReply>>,
         span: tracing::Span,
     ) -> Result<ActorRef<SandboxMsg>, CorralError> {
-        self.spawn_sandbox_with(myself, state, row, insert, waiter, Default::default(), span)
+        let creator = Creator {
+            waiter,
+            tried: Default::default(),
+            span,
+        };
+        self.spawn_sandbox_with(myself, state, row, insert, creator)
             .await
     }
 
@@ -719,10 +737,13 @@ impl HostActor {
         state: &mut HostActorState,
         row: sandbox::Model,
         insert: bool,
-        waiter: Option<RpcReplyPort<SandboxReply>>,
-        tried: std::collections::BTreeSet<String>,
-        span: tracing::Span,
+        creator: Creator,
     ) -> Result<ActorRef<SandboxMsg>, CorralError> {
+        let Creator {
+            waiter,
+            tried,
+            span,
+        } = creator;
         let id = row.id.clone();
         let org_id = row.org_id.clone();
         if let Some(existing) = state.sandboxes.get(&id) {
