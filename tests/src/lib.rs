@@ -25,6 +25,13 @@ pub const TEST_CREDITS_MICROS: i64 = 1_000_000_000;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
+/// A plain HTTP client for tests. reqwest has no crypto provider of its
+/// own: this installs ring first, so it works in any order.
+pub fn http_client() -> reqwest::Client {
+    corral_api::tls::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
 pub fn init_logging() {
     // reqwest has no crypto provider of its own: install ring before any
@@ -67,11 +74,10 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
-        corral_api::tls::install_crypto_provider();
         Self {
             base: base.into(),
             token: token.into(),
-            client: reqwest::Client::new(),
+            client: http_client(),
         }
     }
 
@@ -924,7 +930,7 @@ impl RuncStack {
         wait_for("the server to be ready", STARTUP, || {
             let url = url.clone();
             async move {
-                let ok = reqwest::get(url).await.ok()?;
+                let ok = http_client().get(url).send().await.ok()?;
                 ok.status().is_success().then_some(())
             }
         })

@@ -246,7 +246,7 @@ impl Fleet {
         wait_for("the server to be ready", STARTUP, || {
             let url = ready.clone();
             async move {
-                let ok = reqwest::get(url).await.ok()?;
+                let ok = crate::http_client().get(url).send().await.ok()?;
                 ok.status().is_success().then_some(())
             }
         })

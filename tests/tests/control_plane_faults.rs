@@ -463,7 +463,9 @@ async fn a_sandbox_actor_that_keeps_failing_is_given_up_not_looped() {
 #[tokio::test]
 async fn metrics_are_served_in_the_prometheus_format() {
     let cp = TestServer::start().await;
-    let response = reqwest::get(format!("{}/metrics", cp.server.http_url()))
+    let response = corral_tests::http_client()
+        .get(format!("{}/metrics", cp.server.http_url()))
+        .send()
         .await
         .expect("metrics");
     assert_eq!(response.status(), StatusCode::OK);
@@ -603,7 +605,9 @@ async fn a_host_actor_that_keeps_failing_escalates_and_stops_the_control_plane()
         .await
         .expect("the actor tree stops");
     assert!(!control.is_alive());
-    let ready = reqwest::get(format!("{}/readyz", cp.server.http_url()))
+    let ready = corral_tests::http_client()
+        .get(format!("{}/readyz", cp.server.http_url()))
+        .send()
         .await
         .expect("readyz");
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -66,7 +66,9 @@ async fn a_database_outage_fails_requests_fast_and_loses_nothing() {
         waited < corral_actors::store::ACQUIRE_TIMEOUT + Duration::from_secs(1),
         "{waited:?}"
     );
-    let ready = reqwest::get(format!("{}/readyz", cp.server.http_url()))
+    let ready = corral_tests::http_client()
+        .get(format!("{}/readyz", cp.server.http_url()))
+        .send()
         .await
         .expect("readyz");
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);

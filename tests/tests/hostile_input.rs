@@ -99,7 +99,7 @@ async fn every_body_route_refuses_malformed_bodies_cleanly() {
     .await;
     let id = id_of(&sandbox);
     let probe = Probe {
-        client: reqwest::Client::new(),
+        client: corral_tests::http_client(),
         base: cp.server.http_url(),
     };
     let org_routes = [
@@ -145,7 +145,7 @@ async fn hostile_values_names_ids_and_queries_are_refused() {
     let _agent = cp.fake_agent(8000, 8192, fake()).await;
     let (_, api) = cp.create_org("values").await;
     let probe = Probe {
-        client: reqwest::Client::new(),
+        client: corral_tests::http_client(),
         base: cp.server.http_url(),
     };
     let base = json!({"image": "busybox", "command": ["true"]});

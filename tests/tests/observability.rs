@@ -172,7 +172,7 @@ async fn start_processes(env: &[(&str, String)]) -> Processes {
     wait_for("the server to be ready", DEADLINE, || {
         let ready = ready.clone();
         async move {
-            let ok = reqwest::get(ready).await.ok()?;
+            let ok = corral_tests::http_client().get(ready).send().await.ok()?;
             ok.status().is_success().then_some(())
         }
     })
@@ -264,7 +264,7 @@ async fn one_sandbox_create_is_one_trace_across_control_plane_and_agent() {
 
     // The caller's own trace: everything must continue it.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let response = reqwest::Client::new()
+    let response = corral_tests::http_client()
         .post(format!("{}/v1/sandboxes", stack.base))
         .bearer_auth(&stack.api.token)
         .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
@@ -422,7 +422,11 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
 }
 
 async fn scrape(url: &str) -> HashMap<String, f64> {
-    let response = reqwest::get(url).await.expect("metrics answer");
+    let response = corral_tests::http_client()
+        .get(url)
+        .send()
+        .await
+        .expect("metrics answer");
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response
         .headers()
@@ -484,7 +488,7 @@ async fn metrics_of_control_plane_and_agent_parse_and_move() {
 async fn json_logs_carry_the_requests_trace_and_span_ids() {
     let stack = start_processes(&[]).await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    let response = reqwest::Client::new()
+    let response = corral_tests::http_client()
         .get(format!("{}/v1/sandboxes", stack.base))
         .bearer_auth(&stack.api.token)
         .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
@@ -673,7 +677,7 @@ async fn events_stream_one_orgs_transitions_in_order_and_no_others() {
     let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
     let (org_a, api_a) = cp.create_org("events-a").await;
     let (_org_b, api_b) = cp.create_org("events-b").await;
-    let client = reqwest::Client::new();
+    let client = corral_tests::http_client();
 
     let (status, body) = api_a.get("/v1/events").await;
     assert_eq!(status, StatusCode::NOT_ACCEPTABLE, "{body}");

@@ -201,7 +201,7 @@ async fn raw(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let mut request = reqwest::Client::new()
+    let mut request = corral_tests::http_client()
         .request(method, url)
         .bearer_auth(token);
     for (name, value) in headers {

@@ -71,7 +71,7 @@ impl ServerProcess {
             data_dir: data_dir.to_path_buf(),
             admin: Api::new(&base, ADMIN_TOKEN),
         };
-        let client = reqwest::Client::new();
+        let client = crate::http_client();
         let deadline = started + Duration::from_secs(300);
         loop {
             if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
