@@ -703,6 +703,30 @@ impl ControlPlane {
         self.get_host(host_id).await
     }
 
+    /// Sets whether the org's sandboxes go only to its private pool: stored,
+    /// then applied to every placement from now on (new and again).
+    pub async fn set_org_private_pool_only(
+        &self,
+        org_id: &str,
+        on: bool,
+    ) -> Result<crate::store::org::Model> {
+        let org = self
+            .inner
+            .store
+            .set_org_private_pool_only(org_id, on)
+            .await?;
+        // Queued before any placement that follows this answer.
+        self.inner
+            .top
+            .scheduler
+            .cast(SchedulerMsg::SetPrivatePoolOnly {
+                org_id: org.id.clone(),
+                on: org.private_pool_only,
+            })
+            .map_err(|_| CorralError::Internal("scheduler unavailable".into()))?;
+        Ok(org)
+    }
+
     /// Removes an empty host from the fleet for good: no placements, its
     /// tokens revoked, its actor stopped. A host that still holds live
     /// sandboxes must be drained first. Answers with the revoked token ids

@@ -111,7 +111,7 @@ pub fn permission_for(method: &Method, route: &str) -> Option<Permission> {
     Some(match route {
         "/v1/sandboxes" | "/v1/sandboxes/{id}" | "/v1/events" if read => P::SandboxRead,
         // The hosts the org's sandboxes may run on: every role may look.
-        "/v1/hosts" | "/v1/hosts/{id}" if read => P::SandboxRead,
+        "/v1/hosts" | "/v1/hosts/{id}" | "/v1/placement" if read => P::SandboxRead,
         "/v1/sandboxes"
         | "/v1/sandboxes/{id}"
         | "/v1/sandboxes/{id}/start"

@@ -100,6 +100,22 @@ fn http_client(conn: &Connection) -> anyhow::Result<reqwest::Client> {
     builder.build().context("cannot set up the HTTP client")
 }
 
+/// `corral admin orgs ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum OrgsCommand {
+    /// List organisations (the default).
+    List,
+    /// Set whether an org's sandboxes go only to its private pool.
+    Placement {
+        /// Organisation id.
+        org_id: String,
+        /// true: every create of the org is placed only on its private
+        /// pool (no_capacity when it is full); false: as requests ask.
+        #[arg(long, required = true, action = clap::ArgAction::Set, value_name = "true|false")]
+        private_pool_only: bool,
+    },
+}
+
 /// `corral admin hosts ...`
 #[derive(clap::Subcommand, Debug)]
 pub enum HostsCommand {
@@ -325,8 +341,11 @@ pub enum AdminCommand {
         /// Organisation name.
         name: String,
     },
-    /// List organisations.
-    Orgs,
+    /// List organisations (`orgs list`), or set one's placement.
+    Orgs {
+        #[command(subcommand)]
+        action: Option<OrgsCommand>,
+    },
     /// Issue a token for a host agent.
     CreateHostToken {
         /// A name for the token (e.g. the machine's name).
@@ -1267,7 +1286,24 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
             println!("The API key is shown only once: store it now (CORRAL_API_KEY).");
             Ok(ExitCode::SUCCESS)
         }
-        AdminCommand::Orgs => {
+        AdminCommand::Orgs {
+            action:
+                Some(OrgsCommand::Placement {
+                    org_id,
+                    private_pool_only,
+                }),
+        } => {
+            let url = api.url(&["v1", "admin", "orgs", &org_id, "placement"], &[]);
+            let body = json!({ "private_pool_only": private_pool_only });
+            let answer = api.call(Method::PUT, url, Some(&body)).await?;
+            println!(
+                "org {}: private_pool_only = {}",
+                field(&answer, "org_id"),
+                field(&answer, "private_pool_only")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminCommand::Orgs { .. } => {
             let answer = api.get(api.url(&["v1", "admin", "orgs"], &[])).await?;
             let rows: Vec<Vec<String>> = array(&answer, "orgs")?
                 .iter()
@@ -1276,13 +1312,18 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
                         field(o, "id"),
                         field(o, "name"),
                         field(o, "billing_status"),
+                        if o.get("private_pool_only").and_then(Value::as_bool) == Some(true) {
+                            "private only".to_string()
+                        } else {
+                            "any".to_string()
+                        },
                         short_time(o, "created_at"),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
-                render_table(&["ID", "NAME", "BILLING", "CREATED"], &rows)
+                render_table(&["ID", "NAME", "BILLING", "POOL", "CREATED"], &rows)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, RawQuery, Request, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{middleware, Json, Router};
 use chrono::{DateTime, Utc};
 use corral_actors::domain::{self, limits, DesiredState, ExecSpec, SandboxSpec, SandboxState};
@@ -72,6 +72,8 @@ pub struct OrgView {
     pub name: String,
     pub billing_status: String,
     pub created_at: DateTime<Utc>,
+    /// Its sandboxes go only to its private pool.
+    pub private_pool_only: bool,
 }
 
 impl From<store::org::Model> for OrgView {
@@ -81,6 +83,34 @@ impl From<store::org::Model> for OrgView {
             name: m.name,
             billing_status: m.billing_status,
             created_at: m.created_at,
+            private_pool_only: m.private_pool_only,
+        }
+    }
+}
+
+/// The org-level placement setting (`PUT /v1/admin/orgs/{id}/placement`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrgPlacementRequest {
+    /// Every sandbox of the org goes only to its private pool, whatever
+    /// its request asks.
+    pub private_pool_only: bool,
+}
+
+/// An org's placement setting.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrgPlacementView {
+    pub org_id: String,
+    /// Every sandbox of the org goes only to its private pool (a create
+    /// with no private host free gets `no_capacity`).
+    pub private_pool_only: bool,
+}
+
+impl From<store::org::Model> for OrgPlacementView {
+    fn from(m: store::org::Model) -> Self {
+        Self {
+            org_id: m.id,
+            private_pool_only: m.private_pool_only,
         }
     }
 }
@@ -827,6 +857,37 @@ async fn list_orgs(_: AdminCaller, State(state): State<AppState>) -> ApiResult<J
     }))
 }
 
+#[utoipa::path(put, path = "/v1/admin/orgs/{id}/placement", params(("id" = String, Path)),
+    request_body = OrgPlacementRequest,
+    responses((status = 200, body = OrgPlacementView), (status = 404, body = ErrorBody)), tag = "admin")]
+async fn set_org_placement(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<OrgPlacementRequest>,
+) -> ApiResult<Json<OrgPlacementView>> {
+    let org = state
+        .control_plane
+        .set_org_private_pool_only(&id, req.private_pool_only)
+        .await?;
+    Ok(Json(org.into()))
+}
+
+#[utoipa::path(get, path = "/v1/placement",
+    responses((status = 200, body = OrgPlacementView, description = "The org's placement setting")), tag = "org")]
+async fn org_placement(
+    caller: OrgCaller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<OrgPlacementView>> {
+    let org = state
+        .control_plane
+        .store()
+        .get_org(&caller.org_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("organisation"))?;
+    Ok(Json(org.into()))
+}
+
 #[utoipa::path(post, path = "/v1/admin/host-tokens", request_body = CreateHostTokenRequest,
     responses((status = 201, body = CreatedHostToken)), tag = "admin")]
 async fn create_host_token(
@@ -1455,7 +1516,7 @@ async fn no_route() -> ApiError {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Corral", description = "Sandbox orchestrator REST API. Authenticate with `Authorization: Bearer <API key>` (org routes) or the platform admin token (admin routes)."),
-    paths(healthz, readyz, create_org, list_orgs, create_host_token, list_host_tokens,
+    paths(healthz, readyz, create_org, list_orgs, set_org_placement, org_placement, create_host_token, list_host_tokens,
         revoke_host_token, list_hosts, admin_get_host, cordon_host, uncordon_host, drain_host,
         decommission_host, org_list_hosts, org_get_host, actor_tree, create_api_key, list_api_keys, revoke_api_key,
         billing::get_billing, billing::get_ledger, billing::get_usage, billing::credit_org,
@@ -1475,6 +1536,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::observe::metrics))
         .route("/v1/admin/orgs", post(create_org).get(list_orgs))
         .route("/v1/admin/orgs/{id}/credits", post(billing::credit_org))
+        .route("/v1/admin/orgs/{id}/placement", put(set_org_placement))
+        .route("/v1/placement", get(org_placement))
         .route(
             "/v1/admin/orgs/{id}/billing",
             get(billing::get_org_billing).put(billing::set_org_billing),

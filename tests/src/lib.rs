@@ -116,6 +116,11 @@ impl Api {
             .await
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(self.client.put(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
     pub async fn post_raw(&self, path: &str, body: &'static str) -> (StatusCode, Value) {
         self.send(
             self.client

@@ -224,6 +224,122 @@ async fn a_private_pool_takes_only_its_org() {
 }
 
 #[tokio::test]
+async fn an_org_can_be_required_to_use_only_its_private_pool() {
+    let cp = TestServer::start().await;
+    let (org_a, api_a) = cp.create_org("pool-only").await;
+    let (org_b, api_b) = cp.create_org("bystander").await;
+    let pool = cp
+        .fake_agent_labeled(1000, 1024, fake(), &[], Some(&org_a))
+        .await;
+    let shared_1 = cp.fake_agent(8000, 8192, fake()).await;
+    let shared_2 = cp.fake_agent(8000, 8192, fake()).await;
+    let shared = [shared_1.host_id.clone(), shared_2.host_id.clone()];
+    let admin = cp.admin();
+    let setting = |on: bool| json!({ "private_pool_only": on });
+
+    // Only the platform admin sets it, for an org that exists.
+    let path_a = format!("/v1/admin/orgs/{org_a}/placement");
+    let (status, _) = api_a.put(&path_a, setting(true)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, err) = admin
+        .put(
+            "/v1/admin/orgs/org_00000000deadbeef/placement",
+            setting(true),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    assert_eq!(error_code(&err), "not_found");
+    let (status, err) = admin
+        .put(&path_a, json!({ "private_pool_only": "yes" }))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(error_code(&err), "invalid_body");
+    let (status, view) = api_a.get("/v1/placement").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view, json!({ "org_id": org_a, "private_pool_only": false }));
+
+    // Off: a create too big for the pool goes to the shared fleet.
+    let big = create(&api_a, body("a-big", 2000, 256)).await;
+    assert!(
+        shared.contains(&big["host_id"].as_str().unwrap_or("").to_string()),
+        "{big}"
+    );
+
+    let (status, view) = admin.put(&path_a, setting(true)).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view, json!({ "org_id": org_a, "private_pool_only": true }));
+    let (_, view) = api_a.get("/v1/placement").await;
+    assert_eq!(view["private_pool_only"], json!(true));
+    let (_, view) = api_b.get("/v1/placement").await;
+    assert_eq!(view, json!({ "org_id": org_b, "private_pool_only": false }));
+    let (_, orgs) = admin.get("/v1/admin/orgs").await;
+    let listed = orgs["orgs"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["id"] == json!(org_a)))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed["private_pool_only"], json!(true), "{orgs}");
+
+    // On: creates land only on the private host...
+    for i in 0..2 {
+        let a = create(&api_a, body(&format!("a{i}"), 500, 256)).await;
+        assert_eq!(a["host_id"], json!(pool.host_id), "{a}");
+    }
+    // ...and when it is full they get no_capacity though the shared hosts
+    // are free; the request cannot loosen the org's setting.
+    let mut loose = body("a-loose", 100, 64);
+    loose["placement"] = json!({ "private_pool_only": false });
+    let (status, err) = api_a.post("/v1/sandboxes", loose.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert_eq!(error_code(&err), "no_capacity");
+    // Another org is unaffected.
+    let b = create(&api_b, body("b", 500, 256)).await;
+    assert!(
+        shared.contains(&b["host_id"].as_str().unwrap_or("").to_string()),
+        "{b}"
+    );
+
+    // The change is audited.
+    let events = wait_for("the audit event", Duration::from_secs(10), || {
+        let admin = admin.clone();
+        let org_a = org_a.clone();
+        async move {
+            let (_, body) = admin.get("/v1/admin/audit").await;
+            body["events"].as_array().and_then(|events| {
+                events
+                    .iter()
+                    .filter(|e| e["action"] == "PUT /v1/admin/orgs/{id}/placement")
+                    .filter(|e| e["target_id"] == json!(org_a) && e["status"] == 200)
+                    .map(|e| e["actor"].clone())
+                    .next()
+            })
+        }
+    })
+    .await;
+    assert_eq!(events, json!("platform-admin"));
+
+    // The setting survives a control-plane restart.
+    let cp = cp.restart().await;
+    for host in [&pool.host_id, &shared[0], &shared[1]] {
+        cp.wait_host_ready(host).await;
+    }
+    let (_, view) = api_a.get("/v1/placement").await;
+    assert_eq!(view["private_pool_only"], json!(true), "{view}");
+    let (status, err) = api_a.post("/v1/sandboxes", loose).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert_eq!(error_code(&err), "no_capacity");
+
+    // Cleared: the org may use the shared fleet again.
+    let (status, _) = cp.admin().put(&path_a, setting(false)).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = create(&api_a, body("a-again", 100, 64)).await;
+    assert!(
+        shared.contains(&again["host_id"].as_str().unwrap_or("").to_string()),
+        "{again}"
+    );
+}
+
+#[tokio::test]
 async fn drain_moves_on_host_loss_sandboxes_stops_the_rest_then_decommission() {
     let cp = TestServer::start().await;
     let a = cp.fake_agent(4000, 4096, fake()).await;

@@ -6,7 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 
 use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
 use super::ledger::{BillingContext, BillingHook, OrgsArgs, OrgsMsg, OrgsSupervisor};
-use super::scheduler::{Scheduler, SchedulerMsg, SchedulingPolicy};
+use super::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulingPolicy};
 use super::{names, Timeouts};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -44,10 +44,19 @@ impl Actor for RootSupervisor {
         myself: ActorRef<Self::Msg>,
         args: RootArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let private_pool_only = args
+            .store
+            .private_pool_only_orgs()
+            .await?
+            .into_iter()
+            .collect();
         let (scheduler, _) = Actor::spawn_linked(
             Some(names::singleton(&args.prefix, names::SCHEDULER)),
             Scheduler,
-            args.scheduling.clone(),
+            SchedulerArgs {
+                policy: args.scheduling.clone(),
+                private_pool_only,
+            },
             myself.get_cell(),
         )
         .await?;

@@ -5,9 +5,14 @@
 //! its allocatable capacity (what it reported, less the configured reserve,
 //! times the overcommit ratio; LESSONS 20, 21).
 //!
+//! It also holds the orgs that require their private pool (the org-level
+//! `private_pool_only`, loaded from the database at start and kept current
+//! by the control plane): every placement of theirs, new or again, is made
+//! as if the request had asked for it.
+//!
 //! The decision itself is the pure [`crate::placement::choose`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -93,6 +98,9 @@ pub enum SchedulerMsg {
         request: PlacementRequest,
         reply: RpcReplyPort<Result<String, CorralError>>,
     },
+    /// An org's sandboxes go only to its private pool (`on`), or anywhere
+    /// their requests allow.
+    SetPrivatePoolOnly { org_id: String, on: bool },
     /// Give back a sandbox's reservation (idempotent).
     Release { sandbox_id: String },
     /// Re-establish a reservation known from the database (start-up).
@@ -150,7 +158,17 @@ pub struct SchedulerState {
     fleet: MapFleet,
     meta: HashMap<String, HostMeta>,
     reservations: HashMap<String, Reservation>,
+    /// Orgs whose sandboxes go only to their private pool.
+    pool_only: HashSet<String>,
     rng: Rng,
+}
+
+/// What the Scheduler starts with.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerArgs {
+    pub policy: SchedulingPolicy,
+    /// The orgs that require their private pool (from the database).
+    pub private_pool_only: HashSet<String>,
 }
 
 impl SchedulerState {
@@ -160,6 +178,7 @@ impl SchedulerState {
             fleet: MapFleet::default(),
             meta: HashMap::new(),
             reservations: HashMap::new(),
+            pool_only: HashSet::new(),
             rng: Rng::new(seed),
         }
     }
@@ -242,6 +261,15 @@ impl SchedulerState {
         }
     }
 
+    /// Sets or clears an org's requirement to use only its private pool.
+    pub fn set_private_pool_only(&mut self, org_id: &str, on: bool) {
+        if on {
+            self.pool_only.insert(org_id.to_string());
+        } else {
+            self.pool_only.remove(org_id);
+        }
+    }
+
     /// Places and reserves (moving an existing reservation).
     pub fn place(
         &mut self,
@@ -249,6 +277,10 @@ impl SchedulerState {
         mut request: PlacementRequest,
     ) -> Result<String, CorralError> {
         request.strategy = self.strategy_for(&request.placement);
+        // The org's setting is a floor: a request cannot loosen it.
+        if self.pool_only.contains(&request.org_id) {
+            request.placement.private_pool_only = true;
+        }
         let group = request.group();
         let previous = self.release(sandbox_id);
         match placement::choose(&self.fleet, &request, &mut self.rng) {
@@ -327,16 +359,18 @@ pub struct Scheduler;
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
-    type Arguments = SchedulingPolicy;
+    type Arguments = SchedulerArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        policy: SchedulingPolicy,
+        args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| format!("getrandom: {e}"))?;
-        Ok(SchedulerState::new(policy, u64::from_le_bytes(seed)))
+        let mut state = SchedulerState::new(args.policy, u64::from_le_bytes(seed));
+        state.pool_only = args.private_pool_only;
+        Ok(state)
     }
 
     async fn handle(
@@ -355,6 +389,9 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::Release { sandbox_id } => {
                 state.release(&sandbox_id);
+            }
+            SchedulerMsg::SetPrivatePoolOnly { org_id, on } => {
+                state.set_private_pool_only(&org_id, on);
             }
             SchedulerMsg::Restore {
                 sandbox_id,
@@ -500,6 +537,45 @@ mod tests {
         }
         state.refresh(other);
         assert!(state.place("s2", req(10, 10)).is_err());
+    }
+
+    #[test]
+    fn an_org_that_requires_its_pool_gets_only_its_pool() {
+        let mut state = SchedulerState::new(SchedulingPolicy::default(), 1);
+        up(&mut state, "shared", 1000, 1000);
+        state.host_up(
+            "private",
+            HostInfo {
+                reported: Resources {
+                    cpu_millis: 500,
+                    memory_mb: 1000,
+                },
+                runtime: "fake".into(),
+                images: vec!["busybox".into()],
+                pool: Some("org".into()),
+                ..Default::default()
+            },
+        );
+        state.set_private_pool_only("org", true);
+        assert_eq!(
+            state.place("s1", req(400, 10)).ok().as_deref(),
+            Some("private")
+        );
+        // The pool is full; the shared host is free but not for this org.
+        assert!(matches!(
+            state.place("s2", req(400, 10)),
+            Err(CorralError::NoCapacity { .. })
+        ));
+        // Another org is unaffected.
+        let mut other = req(400, 10);
+        other.org_id = "other".into();
+        assert_eq!(state.place("s3", other).ok().as_deref(), Some("shared"));
+        // Cleared: the org may use the shared fleet again.
+        state.set_private_pool_only("org", false);
+        assert_eq!(
+            state.place("s2", req(400, 10)).ok().as_deref(),
+            Some("shared")
+        );
     }
 
     #[test]

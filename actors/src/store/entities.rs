@@ -21,6 +21,9 @@ pub mod org {
         pub max_cpu_millis: Option<i64>,
         pub max_memory_mb: Option<i64>,
         pub max_ttl_seconds: Option<i64>,
+        /// Its sandboxes go only to its private pool (set by the platform
+        /// admin; written only by [`crate::store::Store::set_org_private_pool_only`]).
+        pub private_pool_only: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

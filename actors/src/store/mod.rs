@@ -173,6 +173,7 @@ impl Store {
             max_cpu_millis: Set(None),
             max_memory_mb: Set(None),
             max_ttl_seconds: Set(None),
+            private_pool_only: Set(false),
         };
         model.insert(&self.db).await.map_err(|err| {
             if is_unique_violation(&err) {
@@ -192,6 +193,32 @@ impl Store {
             .filter(org::Column::Name.eq(name))
             .one(&self.db)
             .await?)
+    }
+
+    /// Sets whether the org's sandboxes go only to its private pool.
+    pub async fn set_org_private_pool_only(&self, id: &str, on: bool) -> Result<org::Model> {
+        let updated = org::Entity::update_many()
+            .col_expr(org::Column::PrivatePoolOnly, Expr::value(on))
+            .filter(org::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        if updated.rows_affected == 0 {
+            return Err(CorralError::NotFound("organisation"));
+        }
+        self.get_org(id)
+            .await?
+            .ok_or(CorralError::NotFound("organisation"))
+    }
+
+    /// The ids of the orgs whose sandboxes go only to their private pool.
+    pub async fn private_pool_only_orgs(&self) -> Result<Vec<String>> {
+        Ok(org::Entity::find()
+            .filter(org::Column::PrivatePoolOnly.eq(true))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|o| o.id)
+            .collect())
     }
 
     pub async fn list_orgs(&self) -> Result<Vec<org::Model>> {
@@ -636,8 +663,11 @@ impl Store {
     }
 
     pub async fn save_org(&self, model: org::Model) -> Result<org::Model> {
-        let active: org::ActiveModel = model.into();
-        Ok(active.reset_all().update(&self.db).await?)
+        let mut active: org::ActiveModel = model.into_active_model().reset_all();
+        // Owned by `set_org_private_pool_only`: a ledger's copy of the row
+        // may be older than the admin's last change.
+        active.private_pool_only = sea_orm::ActiveValue::NotSet;
+        Ok(active.update(&self.db).await?)
     }
 
     pub async fn record_billing_event(
