@@ -32,6 +32,19 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Waits until the control plane at `base` answers `/readyz` with a 2xx.
+pub async fn wait_ready(base: &str, timeout: Duration) {
+    let url = format!("{base}/readyz");
+    wait_for("the server to be ready", timeout, || {
+        let url = url.clone();
+        async move {
+            let ok = http_client().get(url).send().await.ok()?;
+            ok.status().is_success().then_some(())
+        }
+    })
+    .await;
+}
+
 /// Installs a log subscriber once (RUST_LOG controls it; quiet by default).
 pub fn init_logging() {
     // reqwest has no crypto provider of its own: install ring before any
@@ -931,15 +944,7 @@ impl RuncStack {
                 .envs(self.server_env.iter().cloned()),
         );
         self.server = Some(server);
-        let url = format!("{}/readyz", self.admin.base);
-        wait_for("the server to be ready", STARTUP, || {
-            let url = url.clone();
-            async move {
-                let ok = http_client().get(url).send().await.ok()?;
-                ok.status().is_success().then_some(())
-            }
-        })
-        .await;
+        wait_ready(&self.admin.base, STARTUP).await;
     }
 
     /// Starts `corral-agent run --runtime <runtime>` over the same data

@@ -242,15 +242,7 @@ impl Fleet {
                 .env_remove("DATABASE_URL"),
         );
         let admin = Api::new(&base, ADMIN_TOKEN);
-        let ready = format!("{base}/readyz");
-        wait_for("the server to be ready", STARTUP, || {
-            let url = ready.clone();
-            async move {
-                let ok = crate::http_client().get(url).send().await.ok()?;
-                ok.status().is_success().then_some(())
-            }
-        })
-        .await;
+        crate::wait_ready(&base, STARTUP).await;
         let (status, org) = admin
             .post(
                 "/v1/admin/orgs",

@@ -168,15 +168,7 @@ async fn start_processes(env: &[(&str, String)]) -> Processes {
             .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .stderr(Stdio::from(log)),
     );
-    let ready = format!("{base}/readyz");
-    wait_for("the server to be ready", DEADLINE, || {
-        let ready = ready.clone();
-        async move {
-            let ok = corral_tests::http_client().get(ready).send().await.ok()?;
-            ok.status().is_success().then_some(())
-        }
-    })
-    .await;
+    corral_tests::wait_ready(&base, DEADLINE).await;
     let admin = Api::new(&base, ADMIN_TOKEN);
     let (status, org) = admin
         .post(
