@@ -497,6 +497,29 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), CorralEr
     Ok(())
 }
 
+/// The fields of a create request that need no server setting, in the
+/// order the API checks them (the create fuzz target runs the same).
+pub fn validate_sandbox_fields(
+    name: Option<&str>,
+    image: &str,
+    command: &[String],
+    env: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+    workdir: Option<&str>,
+) -> Result<(), CorralError> {
+    if let Some(name) = name {
+        validate_name(name)?;
+    }
+    validate_image(image)?;
+    validate_argv("command", command)?;
+    validate_env(env)?;
+    validate_labels(labels)?;
+    if let Some(workdir) = workdir {
+        validate_workdir(workdir)?;
+    }
+    Ok(())
+}
+
 /// An absolute path with no `..` components.
 pub fn validate_workdir(path: &str) -> Result<(), CorralError> {
     let ok = path.starts_with('/')

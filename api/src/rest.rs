@@ -644,16 +644,14 @@ fn validate_create(
     allow_strategy_override: bool,
     max_wait_ms: u64,
 ) -> Result<SandboxSpec, ApiError> {
-    if let Some(name) = &req.name {
-        domain::validate_name(name)?;
-    }
-    domain::validate_image(&req.image)?;
-    domain::validate_argv("command", &req.command)?;
-    domain::validate_env(&req.env)?;
-    domain::validate_labels(&req.labels)?;
-    if let Some(workdir) = &req.workdir {
-        domain::validate_workdir(workdir)?;
-    }
+    domain::validate_sandbox_fields(
+        req.name.as_deref(),
+        &req.image,
+        &req.command,
+        &req.env,
+        &req.labels,
+        req.workdir.as_deref(),
+    )?;
     let cpu_millis = domain::validate_range(
         "cpu_millis",
         req.cpu_millis.unwrap_or(limits::DEFAULT_CPU_MILLIS),

@@ -48,16 +48,14 @@ struct CreateRequest {
 }
 
 fn validate(req: &CreateRequest) -> Result<(), error::CorralError> {
-    if let Some(name) = &req.name {
-        domain::validate_name(name)?;
-    }
-    domain::validate_image(&req.image)?;
-    domain::validate_argv("command", &req.command)?;
-    domain::validate_env(&req.env)?;
-    domain::validate_labels(&req.labels)?;
-    if let Some(workdir) = &req.workdir {
-        domain::validate_workdir(workdir)?;
-    }
+    domain::validate_sandbox_fields(
+        req.name.as_deref(),
+        &req.image,
+        &req.command,
+        &req.env,
+        &req.labels,
+        req.workdir.as_deref(),
+    )?;
     domain::validate_range(
         "cpu_millis",
         req.cpu_millis.unwrap_or(limits::DEFAULT_CPU_MILLIS),
@@ -80,7 +78,12 @@ fn validate(req: &CreateRequest) -> Result<(), error::CorralError> {
         }
     }
     if let Some(p) = req.pids_limit {
-        domain::validate_range("pids_limit", p, limits::MIN_PIDS_LIMIT, limits::MAX_PIDS_LIMIT)?;
+        domain::validate_range(
+            "pids_limit",
+            p,
+            limits::MIN_PIDS_LIMIT,
+            limits::MAX_PIDS_LIMIT,
+        )?;
     }
     Ok(())
 }
