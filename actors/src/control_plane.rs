@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_proto::pb;
+use dashmap::DashMap;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
@@ -29,6 +30,7 @@ use crate::domain::{
     SandboxState,
 };
 use crate::error::{CorralError, Result};
+use crate::mailbox::Tell;
 use crate::metrics::Metrics;
 use crate::placement::PlacementRequest;
 use crate::store::{sandbox, HostRegistration, SandboxFilter, Store};
@@ -60,6 +62,10 @@ struct Inner {
     timeouts: Timeouts,
     metrics: Metrics,
     scheduling: SchedulingPolicy,
+    /// Orgs whose strategy-override permission differs from the
+    /// deployment's (`scheduling.allow_strategy_override`); read on every
+    /// create, so kept here rather than read from the database.
+    strategy_override: DashMap<String, bool>,
     /// Becomes true when the actor tree has stopped.
     stopped: tokio::sync::watch::Receiver<bool>,
 }
@@ -80,7 +86,7 @@ where
     M: ractor::Message,
     T: Send + 'static,
 {
-    match actor.call(make, Some(timeout)).await {
+    match actor.ask(make, Some(timeout)).await {
         Ok(CallResult::Success(value)) => Ok(value),
         Ok(CallResult::Timeout) => Err(CorralError::Internal("actor call timed out".into())),
         Ok(CallResult::SenderError) | Err(_) => {
@@ -140,6 +146,7 @@ impl ControlPlane {
         .await
         .map_err(|e| CorralError::Internal(format!("could not start the actor tree: {e}")))?;
         let top = call(&root, RootMsg::TopLevel, QUICK).await?;
+        let strategy_override = store.org_strategy_overrides().await?.into_iter().collect();
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let _ = root_task.await;
@@ -154,6 +161,7 @@ impl ControlPlane {
                 timeouts,
                 metrics,
                 scheduling,
+                strategy_override,
                 stopped,
             }),
         })
@@ -187,13 +195,13 @@ impl ControlPlane {
             "sandbox" => {
                 let name = names::sandbox(prefix, id);
                 let sent = where_is::<SandboxMsg>(&name)
-                    .is_some_and(|a| a.cast(SandboxMsg::InjectPanic).is_ok());
+                    .is_some_and(|a| a.tell(SandboxMsg::InjectPanic).is_ok());
                 (name, sent)
             }
             "host" => {
                 let name = names::host(prefix, id);
                 let sent = where_is::<crate::actors::host::HostMsg>(&name)
-                    .is_some_and(|a| a.cast(crate::actors::host::HostMsg::InjectPanic).is_ok());
+                    .is_some_and(|a| a.tell(crate::actors::host::HostMsg::InjectPanic).is_ok());
                 (name, sent)
             }
             "scheduler" => {
@@ -202,21 +210,21 @@ impl ControlPlane {
                     .inner
                     .top
                     .scheduler
-                    .cast(SchedulerMsg::InjectPanic)
+                    .tell(SchedulerMsg::InjectPanic)
                     .is_ok();
                 (name, sent)
             }
             "ledger" => {
                 let name = names::ledger(prefix, id);
                 let sent = where_is::<LedgerMsg>(&name)
-                    .is_some_and(|a| a.cast(LedgerMsg::InjectPanic).is_ok());
+                    .is_some_and(|a| a.tell(LedgerMsg::InjectPanic).is_ok());
                 (name, sent)
             }
             // `id` is "host#generation" for a connection.
             "connection" => {
                 let name = format!("{prefix}connection:{id}");
                 let sent = where_is::<ConnMsg>(&name)
-                    .is_some_and(|a| a.cast(ConnMsg::InjectPanic).is_ok());
+                    .is_some_and(|a| a.tell(ConnMsg::InjectPanic).is_ok());
                 (name, sent)
             }
             _ => (String::new(), false),
@@ -326,7 +334,7 @@ impl ControlPlane {
                 host_id
             }
             Err(err) => {
-                let _ = ledger.cast(LedgerMsg::Release {
+                let _ = ledger.tell(LedgerMsg::Release {
                     sandbox_id: sandbox_id.clone(),
                 });
                 return Err(err);
@@ -340,14 +348,14 @@ impl ControlPlane {
             Ok(spawned) => spawned,
             Err(err) => {
                 // Nothing was persisted or sent: give the reservations back.
-                let _ = ledger.cast(LedgerMsg::Release {
+                let _ = ledger.tell(LedgerMsg::Release {
                     sandbox_id: sandbox_id.clone(),
                 });
                 let _ = self
                     .inner
                     .top
                     .scheduler
-                    .cast(SchedulerMsg::Release { sandbox_id });
+                    .tell(SchedulerMsg::Release { sandbox_id });
                 return Err(err);
             }
         };
@@ -487,7 +495,7 @@ impl ControlPlane {
         // The actor's own steps are bounded by the host deadlines; the margin
         // covers queueing behind an earlier operation.
         match actor
-            .call(make, Some(timeout + Duration::from_secs(30)))
+            .ask(make, Some(timeout + Duration::from_secs(30)))
             .await
         {
             Ok(CallResult::Success(result)) => result,
@@ -679,8 +687,14 @@ impl ControlPlane {
     }
 
     /// Cordons, uncordons or drains a host (its HostActor records it and,
-    /// for a drain, moves or stops its sandboxes).
-    pub async fn set_host_admin(&self, host_id: &str, admin: HostAdminState) -> Result<HostView> {
+    /// for a drain, moves or stops its sandboxes, each stop killing what has
+    /// not exited after `drain_deadline`, default the stop grace).
+    pub async fn set_host_admin(
+        &self,
+        host_id: &str,
+        admin: HostAdminState,
+        drain_deadline: Option<Duration>,
+    ) -> Result<HostView> {
         let current = self.get_host(host_id).await?;
         if current.row.admin_state == HostAdminState::Decommissioned.as_str() {
             return Err(CorralError::InvalidState(
@@ -696,30 +710,54 @@ impl ControlPlane {
         .ok_or(CorralError::NotFound("host"))?;
         call(
             &host,
-            |reply| crate::actors::host::HostMsg::SetAdmin { admin, reply },
+            |reply| crate::actors::host::HostMsg::SetAdmin {
+                admin,
+                drain_deadline,
+                reply,
+            },
             QUICK,
         )
         .await??;
         self.get_host(host_id).await
     }
 
-    /// Sets whether the org's sandboxes go only to its private pool: stored,
-    /// then applied to every placement from now on (new and again).
-    pub async fn set_org_private_pool_only(
+    /// Whether `org_id`'s create requests may choose their placement
+    /// strategy: its own setting, else the deployment's.
+    pub fn allows_strategy_override(&self, org_id: &str) -> bool {
+        self.inner
+            .strategy_override
+            .get(org_id)
+            .map_or(self.inner.scheduling.allow_strategy_override, |on| *on)
+    }
+
+    /// Sets the org's placement settings: stored, then applied to every
+    /// placement (new and again) and create request from now on. Whether
+    /// its sandboxes go only to its private pool; whether its requests may
+    /// choose the strategy (`None`: as the deployment says).
+    pub async fn set_org_placement(
         &self,
         org_id: &str,
-        on: bool,
+        private_pool_only: bool,
+        allow_strategy_override: Option<bool>,
     ) -> Result<crate::store::org::Model> {
         let org = self
             .inner
             .store
-            .set_org_private_pool_only(org_id, on)
+            .set_org_placement(org_id, private_pool_only, allow_strategy_override)
             .await?;
+        match org.allow_strategy_override {
+            Some(on) => self.inner.strategy_override.insert(org.id.clone(), on),
+            None => self
+                .inner
+                .strategy_override
+                .remove(&org.id)
+                .map(|(_, on)| on),
+        };
         // Queued before any placement that follows this answer.
         self.inner
             .top
             .scheduler
-            .cast(SchedulerMsg::SetPrivatePoolOnly {
+            .tell(SchedulerMsg::SetPrivatePoolOnly {
                 org_id: org.id.clone(),
                 on: org.private_pool_only,
             })
@@ -757,8 +795,8 @@ impl ControlPlane {
             .inner
             .top
             .fleet
-            .cast(FleetMsg::Forget(host_id.to_string()));
-        let _ = self.inner.top.scheduler.cast(SchedulerMsg::Remove {
+            .tell(FleetMsg::Forget(host_id.to_string()));
+        let _ = self.inner.top.scheduler.tell(SchedulerMsg::Remove {
             host_id: host_id.to_string(),
         });
         let view = self.get_host(host_id).await?;

@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod mailbox;
 pub mod metrics;
 pub mod placement;
 pub mod secrets;

@@ -110,7 +110,9 @@ impl Default for Timings {
 
 /// What the supervisors know of the actors they started, by actor id: the
 /// tree dump reads it without messaging any actor. Restarts and the last
-/// error are remembered by registered name across incarnations.
+/// error are remembered by registered name across incarnations (without a
+/// `#generation` suffix: a host's next connection inherits the count of
+/// the one that failed).
 #[derive(Debug, Default)]
 pub struct ActorRegistry {
     live: DashMap<ActorId, ActorEntry>,
@@ -130,7 +132,7 @@ impl ActorRegistry {
     pub fn started(&self, cell: &ActorCell, org: Option<&str>) {
         let (restarts, last_error) = cell
             .get_name()
-            .and_then(|name| self.history.remove(&name))
+            .and_then(|name| self.history.remove(history_key(&name)))
             .map_or((0, None), |(_, (n, e))| (n, Some(e)));
         self.live.insert(
             cell.get_id(),
@@ -150,7 +152,8 @@ impl ActorRegistry {
         if let Some(name) = cell.get_name() {
             let restarts = previous.map_or(0, |e| e.restarts) + 1;
             let error: String = error.chars().take(512).collect();
-            self.history.insert(name, (restarts, error));
+            self.history
+                .insert(history_key(&name).to_string(), (restarts, error));
         }
     }
 
@@ -158,7 +161,7 @@ impl ActorRegistry {
     pub fn gone(&self, cell: &ActorCell) {
         self.live.remove(&cell.get_id());
         if let Some(name) = cell.get_name() {
-            self.history.remove(&name);
+            self.history.remove(history_key(&name));
         }
     }
 
@@ -173,6 +176,12 @@ impl ActorRegistry {
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }
+}
+
+/// The name an actor's restarts are remembered under: its registered name
+/// without a `#generation` suffix.
+fn history_key(name: &str) -> &str {
+    name.split_once('#').map_or(name, |(base, _)| base)
 }
 
 /// A cheap handle on the control plane's counters.
@@ -192,13 +201,8 @@ impl Metrics {
     pub fn actor_failed(&self, kind: &str, cell: &ActorCell, error: &str) {
         self.actor_restarts.inc();
         self.timings.restarts_by_kind.inc(&[kind]);
-        if kind == "connection" {
-            // A new connection has a new name (its generation): nothing
-            // would pick the history up.
-            self.registry.gone(cell);
-        } else {
-            self.registry.failed(cell, error);
-        }
+        crate::mailbox::close(cell.get_id());
+        self.registry.failed(cell, error);
     }
 
     /// The counters in the Prometheus text exposition format.
@@ -275,6 +279,27 @@ impl Metrics {
             "Commands sent to agents whose reply is awaited.",
             &[],
             &[(vec![], t.pending_requests.load(Ordering::Relaxed) as f64)],
+        );
+        let depths = crate::mailbox::by_kind();
+        corral_telemetry::prom::gauge(
+            &mut out,
+            "corral_actor_mailbox_messages",
+            "Messages waiting in actors' mailboxes, summed by actor kind.",
+            &["kind"],
+            &depths
+                .iter()
+                .map(|(kind, total, _)| (vec![kind.to_string()], *total as f64))
+                .collect::<Vec<_>>(),
+        );
+        corral_telemetry::prom::gauge(
+            &mut out,
+            "corral_actor_mailbox_max_messages",
+            "The deepest single mailbox of each actor kind.",
+            &["kind"],
+            &depths
+                .iter()
+                .map(|(kind, _, max)| (vec![kind.to_string()], *max as f64))
+                .collect::<Vec<_>>(),
         );
         out
     }

@@ -5,13 +5,14 @@
 //! restarts, last error). It sends no message to any actor: a tree of
 //! 100,000 actors is read without waiting on one of them.
 //!
-//! Not shown: mailbox length. ractor exposes no queue length and counting
-//! sends would mean wrapping every actor reference; see docs/operations.md.
+//! Mailbox lengths come from [`crate::mailbox`], which counts every send
+//! and every handled message.
 
 use ractor::{ActorCell, ActorStatus};
 use serde::Serialize;
 
 use crate::actors::names;
+use crate::mailbox;
 use crate::metrics::ActorRegistry;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -35,6 +36,8 @@ pub struct ActorNode {
     pub uptime_seconds: Option<f64>,
     /// How often its supervisor restarted it after a failure.
     pub restarts: u32,
+    /// Messages sent to it and not yet handled.
+    pub mailbox: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -124,6 +127,7 @@ fn unnamed(cell: &ActorCell) -> ActorNode {
         host_id: None,
         uptime_seconds: None,
         restarts: 0,
+        mailbox: mailbox::depth(cell.get_id()).unwrap_or(0),
         last_error: None,
         children: Vec::new(),
     }
@@ -146,6 +150,7 @@ fn node(prefix: &str, cell: &ActorCell, registry: &ActorRegistry, host: Option<&
         host_id,
         uptime_seconds: entry.as_ref().map(|e| e.started.elapsed().as_secs_f64()),
         restarts: entry.as_ref().map_or(0, |e| e.restarts),
+        mailbox: mailbox::depth(cell.get_id()).unwrap_or(0),
         last_error: entry.and_then(|e| e.last_error),
         children: Vec::new(),
     }

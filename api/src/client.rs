@@ -105,7 +105,7 @@ fn http_client(conn: &Connection) -> anyhow::Result<reqwest::Client> {
 pub enum OrgsCommand {
     /// List organisations (the default).
     List,
-    /// Set whether an org's sandboxes go only to its private pool.
+    /// Set an org's placement settings (both; a change replaces them).
     Placement {
         /// Organisation id.
         org_id: String,
@@ -113,6 +113,10 @@ pub enum OrgsCommand {
         /// pool (no_capacity when it is full); false: as requests ask.
         #[arg(long, required = true, action = clap::ArgAction::Set, value_name = "true|false")]
         private_pool_only: bool,
+        /// Whether its creates may choose `--strategy`: allow, deny, or
+        /// default (as the server's `--no-strategy-override` says).
+        #[arg(long, default_value = "default", value_parser = ["allow", "deny", "default"])]
+        strategy_override: String,
     },
 }
 
@@ -129,7 +133,13 @@ pub enum HostsCommand {
     Uncordon { id: String },
     /// No new placements; its sandboxes move to other hosts
     /// (restart policy on_host_loss) or stop.
-    Drain { id: String },
+    Drain {
+        id: String,
+        /// Kill a stopping sandbox that has not exited after N seconds
+        /// (1-3600; default: the server's stop grace).
+        #[arg(long, value_name = "N")]
+        deadline_seconds: Option<u64>,
+    },
     /// Remove an empty host from the fleet for good (revokes its tokens).
     Decommission { id: String },
 }
@@ -865,6 +875,10 @@ fn node_label(node: &Value) -> String {
         Some(n) if n > 0 => label.push_str(&format!(" restarts {n}")),
         _ => {}
     }
+    match node.get("mailbox").and_then(Value::as_u64) {
+        Some(n) if n > 0 => label.push_str(&format!(" mailbox {n}")),
+        _ => {}
+    }
     if let Some(error) = node.get("last_error").and_then(Value::as_str) {
         let short: String = error.chars().take(80).collect();
         label.push_str(&format!(" last error: {}", clean(&short)));
@@ -1291,15 +1305,33 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
                 Some(OrgsCommand::Placement {
                     org_id,
                     private_pool_only,
+                    strategy_override,
                 }),
         } => {
             let url = api.url(&["v1", "admin", "orgs", &org_id, "placement"], &[]);
-            let body = json!({ "private_pool_only": private_pool_only });
+            let allow = match strategy_override.as_str() {
+                "allow" => Some(true),
+                "deny" => Some(false),
+                _ => None,
+            };
+            let body = json!({
+                "private_pool_only": private_pool_only,
+                "allow_strategy_override": allow,
+            });
             let answer = api.call(Method::PUT, url, Some(&body)).await?;
             println!(
-                "org {}: private_pool_only = {}",
+                "org {}: private_pool_only = {}, strategy override {}",
                 field(&answer, "org_id"),
-                field(&answer, "private_pool_only")
+                field(&answer, "private_pool_only"),
+                if answer
+                    .get("strategy_override_allowed")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
+                    "allowed"
+                } else {
+                    "not allowed"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -1409,13 +1441,25 @@ pub async fn run_admin(conn: &Connection, cmd: AdminCommand) -> anyhow::Result<E
             let (verb, id) = match &action {
                 HostsCommand::Cordon { id } => ("cordon", id),
                 HostsCommand::Uncordon { id } => ("uncordon", id),
-                HostsCommand::Drain { id } => ("drain", id),
+                HostsCommand::Drain { id, .. } => ("drain", id),
                 HostsCommand::Decommission { id } => ("decommission", id),
                 HostsCommand::List | HostsCommand::Get { .. } => {
                     return Err(anyhow!("unreachable host command"))
                 }
             };
-            let url = api.url(&["v1", "admin", "hosts", id, verb], &[]);
+            let deadline = match &action {
+                HostsCommand::Drain {
+                    deadline_seconds: Some(n),
+                    ..
+                } => Some(n.to_string()),
+                _ => None,
+            };
+            let query: Vec<(&str, &str)> = deadline
+                .as_deref()
+                .map(|n| ("deadline_seconds", n))
+                .into_iter()
+                .collect();
+            let url = api.url(&["v1", "admin", "hosts", id, verb], &query);
             let host = api.call(Method::POST, url, Some(&json!({}))).await?;
             println!(
                 "host {}: {} ({}), {} sandbox(es)",
@@ -1717,10 +1761,10 @@ root (running)
     fn tree_labels_show_what_the_registry_knows() {
         let tree = json!({"kind": "sandbox", "id": "sbx_1", "status": "running",
             "org_id": "org_1", "uptime_seconds": 125.4, "restarts": 2,
-            "last_error": "boom"});
+            "mailbox": 7, "last_error": "boom"});
         assert_eq!(
             render_tree(&tree),
-            "sandbox sbx_1 (running) org org_1 up 2m5s restarts 2 last error: boom\n"
+            "sandbox sbx_1 (running) org org_1 up 2m5s restarts 2 mailbox 7 last error: boom\n"
         );
     }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corral_actors::actors::connection::ConnMsg;
+use corral_actors::mailbox::Tell;
 use corral_actors::store::HostRegistration;
 use corral_actors::{ControlPlane, CorralError};
 use corral_proto::pb;
@@ -69,7 +70,7 @@ impl LiveConnections {
     pub fn end_streams_of(&self, token_id: &str, reason: &str) -> usize {
         let ended = self.lock().remove(token_id).unwrap_or_default();
         for connection in &ended {
-            let _ = connection.cast(ConnMsg::StreamEnded(reason.to_string()));
+            let _ = connection.tell(ConnMsg::StreamEnded(reason.to_string()));
         }
         ended.len()
     }
@@ -186,7 +187,7 @@ impl pb::agent_service_server::AgentService for AgentGateway {
             let connection = connection.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(left).await;
-                let _ = connection.cast(ConnMsg::StreamEnded("host token expired".into()));
+                let _ = connection.tell(ConnMsg::StreamEnded("host token expired".into()));
             })
         });
         let live = self.live.clone();
@@ -211,7 +212,7 @@ async fn forward_inbound(
     let reason = loop {
         match inbound.message().await {
             Ok(Some(message)) => {
-                if connection.cast(ConnMsg::Inbound(message)).is_err() {
+                if connection.tell(ConnMsg::Inbound(message)).is_err() {
                     break "connection actor stopped".to_string();
                 }
             }
@@ -220,7 +221,7 @@ async fn forward_inbound(
         }
     };
     tracing::debug!(host.id = %host_id, %reason, "inbound stream finished");
-    let _ = connection.cast(ConnMsg::StreamEnded(reason));
+    let _ = connection.tell(ConnMsg::StreamEnded(reason));
 }
 
 fn truncate(mut s: String, max: usize) -> String {

@@ -88,29 +88,43 @@ impl From<store::org::Model> for OrgView {
     }
 }
 
-/// The org-level placement setting (`PUT /v1/admin/orgs/{id}/placement`).
+/// The org-level placement settings (`PUT /v1/admin/orgs/{id}/placement`);
+/// a PUT replaces both.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrgPlacementRequest {
     /// Every sandbox of the org goes only to its private pool, whatever
     /// its request asks.
     pub private_pool_only: bool,
+    /// Whether the org's create requests may choose `placement.strategy`:
+    /// true or false for this org, absent or null to follow the deployment
+    /// (`--no-strategy-override`).
+    #[serde(default)]
+    pub allow_strategy_override: Option<bool>,
 }
 
-/// An org's placement setting.
+/// An org's placement settings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrgPlacementView {
     pub org_id: String,
     /// Every sandbox of the org goes only to its private pool (a create
     /// with no private host free gets `no_capacity`).
     pub private_pool_only: bool,
+    /// The org's own permission to choose the strategy; null when it
+    /// follows the deployment.
+    pub allow_strategy_override: Option<bool>,
+    /// Whether its requests may choose the strategy now (its own setting,
+    /// else the deployment's).
+    pub strategy_override_allowed: bool,
 }
 
-impl From<store::org::Model> for OrgPlacementView {
-    fn from(m: store::org::Model) -> Self {
+impl OrgPlacementView {
+    fn of(org: store::org::Model, control_plane: &corral_actors::ControlPlane) -> Self {
         Self {
-            org_id: m.id,
-            private_pool_only: m.private_pool_only,
+            strategy_override_allowed: control_plane.allows_strategy_override(&org.id),
+            org_id: org.id,
+            private_pool_only: org.private_pool_only,
+            allow_strategy_override: org.allow_strategy_override,
         }
     }
 }
@@ -594,7 +608,7 @@ fn validate_placement(
             if !allow_strategy_override {
                 return Err(unprocessable(
                     "strategy_override_not_allowed",
-                    "this deployment does not let requests choose the placement strategy",
+                    "this organisation may not choose the placement strategy; leave placement.strategy out",
                 ));
             }
             Some(strategy)
@@ -866,9 +880,9 @@ async fn set_org_placement(
 ) -> ApiResult<Json<OrgPlacementView>> {
     let org = state
         .control_plane
-        .set_org_private_pool_only(&id, req.private_pool_only)
+        .set_org_placement(&id, req.private_pool_only, req.allow_strategy_override)
         .await?;
-    Ok(Json(org.into()))
+    Ok(Json(OrgPlacementView::of(org, &state.control_plane)))
 }
 
 #[utoipa::path(get, path = "/v1/placement",
@@ -883,7 +897,7 @@ async fn org_placement(
         .get_org(&caller.org_id)
         .await?
         .ok_or_else(|| ApiError::not_found("organisation"))?;
-    Ok(Json(org.into()))
+    Ok(Json(OrgPlacementView::of(org, &state.control_plane)))
 }
 
 #[utoipa::path(post, path = "/v1/admin/host-tokens", request_body = CreateHostTokenRequest,
@@ -980,7 +994,11 @@ async fn set_admin(
     admin: domain::HostAdminState,
 ) -> ApiResult<Json<HostView>> {
     Ok(Json(
-        state.control_plane.set_host_admin(id, admin).await?.into(),
+        state
+            .control_plane
+            .set_host_admin(id, admin, None)
+            .await?
+            .into(),
     ))
 }
 
@@ -1004,14 +1022,45 @@ async fn uncordon_host(
     set_admin(&state, &id, domain::HostAdminState::Active).await
 }
 
-#[utoipa::path(post, path = "/v1/admin/hosts/{id}/drain", params(("id" = String, Path)),
-    responses((status = 200, body = HostView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), tag = "admin")]
+/// The longest drain deadline accepted, in seconds.
+const MAX_DRAIN_DEADLINE_SECONDS: u64 = 3600;
+
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/drain",
+    params(("id" = String, Path),
+        ("deadline_seconds" = Option<u64>, Query, description = "How long each stopping sandbox gets to exit before it is killed (1-3600; default: the server's stop grace)")),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "invalid_deadline")), tag = "admin")]
 async fn drain_host(
     _: AdminCaller,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Json<HostView>> {
-    set_admin(&state, &id, domain::HostAdminState::Draining).await
+    let mut deadline = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if key == "deadline_seconds" {
+            let seconds = value
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=MAX_DRAIN_DEADLINE_SECONDS).contains(s))
+                .ok_or_else(|| {
+                    unprocessable(
+                        "invalid_deadline",
+                        format!(
+                            "deadline_seconds must be a whole number from 1 to {MAX_DRAIN_DEADLINE_SECONDS}"
+                        ),
+                    )
+                })?;
+            deadline = Some(std::time::Duration::from_secs(seconds));
+        }
+    }
+    Ok(Json(
+        state
+            .control_plane
+            .set_host_admin(&id, domain::HostAdminState::Draining, deadline)
+            .await?
+            .into(),
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/admin/hosts/{id}/decommission", params(("id" = String, Path)),
@@ -1118,7 +1167,7 @@ async fn org_get_host(
         ("host_id" = Option<String>, Query, description = "Only actors of this host (the host, its connection and sandboxes), with their ancestors"),
     ),
     responses(
-        (status = 200, description = "The live supervision tree: {kind, id?, status, state? (hosts: connection/operator state), org_id?, host_id?, uptime_seconds?, restarts, last_error?, children?}"),
+        (status = 200, description = "The live supervision tree: {kind, id?, status, state? (hosts: connection/operator state), org_id?, host_id?, uptime_seconds?, restarts, mailbox (messages waiting), last_error?, children?}"),
         (status = 400, body = ErrorBody)), tag = "admin")]
 async fn actor_tree(
     _: AdminCaller,
@@ -1212,7 +1261,7 @@ async fn create_sandbox(
         .min(MAX_WAIT_TIMEOUT_MS);
     let spec = validate_create(
         req,
-        state.control_plane.scheduling().allow_strategy_override,
+        state.control_plane.allows_strategy_override(&caller.org_id),
         max_wait_ms,
     )?;
     if !spec.secret_env.is_empty() && state.control_plane.store().secrets().is_none() {

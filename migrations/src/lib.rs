@@ -12,6 +12,7 @@ mod m20261123_000003_security;
 mod m20261123_000004_scheduling;
 mod m20261123_000005_secrets;
 mod m20261123_000006_org_pool;
+mod m20261123_000007_org_strategy_override;
 
 pub use m20261123_000002_billing::DEFAULT_PLAN_ID;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000004_scheduling::Migration),
             Box::new(m20261123_000005_secrets::Migration),
             Box::new(m20261123_000006_org_pool::Migration),
+            Box::new(m20261123_000007_org_strategy_override::Migration),
         ]
     }
 }

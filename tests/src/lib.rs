@@ -937,8 +937,8 @@ impl RuncStack {
                 .arg(self.dir.path().join("cp"))
                 .arg("--heartbeat-ms")
                 .arg("500")
-                .arg("--stop-grace-ms")
-                .arg("3000")
+                // By environment, so that `server_env` can change it.
+                .env("CORRAL_STOP_GRACE_MS", "3000")
                 .env("CORRAL_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env_remove("DATABASE_URL")
                 .envs(self.server_env.iter().cloned()),

@@ -389,3 +389,42 @@ async fn a_ttl_that_runs_out_with_the_control_plane_down_is_enforced_on_both_sid
     stack.assert_containers(&[(&long, "running")]).await;
     assert!(!stack.bundle_dir(&short).exists(), "its bundle is removed");
 }
+
+#[tokio::test]
+async fn a_drain_deadline_kills_a_sandbox_that_ignores_sigterm() {
+    if skip_without_runc("a_drain_deadline_kills_a_sandbox_that_ignores_sigterm") {
+        return;
+    }
+    // A stop grace far beyond the test's patience: only the drain's own
+    // deadline can end the sandbox in time.
+    let stack = RuncStack::start_with_env("runc", &[("CORRAL_STOP_GRACE_MS", "600000")], &[]).await;
+    // `sleep` as PID 1 ignores SIGTERM.
+    let sandbox = create_sandbox(&stack.api, sandbox_body(json!(["sleep", "3600"]))).await;
+    let id = id_of(&sandbox);
+    let drain = |deadline: &str| {
+        format!(
+            "/v1/admin/hosts/{}/drain?deadline_seconds={deadline}",
+            stack.host_id
+        )
+    };
+
+    for bad in ["0", "3601", "soon"] {
+        let (status, err) = stack.admin.post(&drain(bad), json!({})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {err}");
+        assert_eq!(error_code(&err), "invalid_deadline");
+    }
+    assert_eq!(stack.host().await["admin_state"], "active");
+
+    let (status, host) = stack.admin.post(&drain("2"), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{host}");
+    assert_eq!(host["admin_state"], "draining");
+    let sandbox = stack
+        .wait_sandbox_state(&id, "stopped", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        sandbox["exit_code"], 137,
+        "killed by SIGKILL at the deadline: {sandbox}"
+    );
+    assert_eq!(sandbox["desired_state"], "stopped", "{sandbox}");
+    stack.assert_containers(&[(&id, "stopped")]).await;
+}

@@ -2,8 +2,8 @@
 //! agent (separate processes, exported over OTLP to a receiver this test
 //! runs), Prometheus metrics of both that parse and move, JSON logs that
 //! carry the request's trace and span ids, the actor tree against the hosts
-//! and sandboxes that exist (also after a restart), and the org-scoped SSE
-//! event stream.
+//! and sandboxes that exist (also after a restart) and with the messages
+//! waiting in a busy actor's mailbox, and the org-scoped SSE event stream.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -617,6 +617,35 @@ async fn the_actor_tree_matches_hosts_and_sandboxes_also_after_a_restart() {
     assert_eq!(restarted["org_id"], org_a.as_str());
     assert_eq!(ids(&tree_of(&admin, "").await, "sandbox"), all);
 
+    // A failed connection is not restarted in place: the agent dials again
+    // and the host's next connection carries the count and the error.
+    let first = ids(&tree_of(&admin, "?kind=connection").await, "connection");
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(cp
+        .server
+        .control_plane
+        .inject_panic("connection", &first[0]));
+    let next = wait_for("the next connection with the restart", DEADLINE, || {
+        let admin = admin.clone();
+        let first = first[0].clone();
+        async move {
+            let tree = tree_of(&admin, "?kind=connection").await;
+            let mut nodes = Vec::new();
+            collect(&tree, "connection", &mut nodes);
+            nodes
+                .into_iter()
+                .find(|n| n["id"] != first.as_str() && n["status"] == "running")
+        }
+    })
+    .await;
+    assert_eq!(next["restarts"], 1, "{next}");
+    assert!(
+        next["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("injected")),
+        "{next}"
+    );
+
     // A destroyed sandbox leaves the tree.
     let (status, _) = api_b.delete(&format!("/v1/sandboxes/{b_id}")).await;
     assert!(status.is_success());
@@ -733,4 +762,64 @@ async fn events_stream_one_orgs_transitions_in_order_and_no_others() {
     if let Ok(Some((_, event))) = after {
         assert_eq!(event["org_id"], org_a.as_str(), "{event}");
     }
+}
+
+#[tokio::test]
+async fn the_actor_tree_and_metrics_show_messages_waiting_in_a_busy_mailbox() {
+    let cp = TestServer::start().await;
+    let config = FakeConfig {
+        latency: Duration::from_millis(1500),
+        ..FakeConfig::default()
+    };
+    let _agent = cp.fake_agent(8000, 8192, config).await;
+    let (_org, api) = cp.create_org("mailbox").await;
+    let id = id_of(&create_sandbox(&api, small("busy")).await);
+    let admin = cp.admin();
+    let depth = |tree: &Value| {
+        let mut nodes = Vec::new();
+        collect(tree, "sandbox", &mut nodes);
+        nodes
+            .iter()
+            .find(|n| n["id"] == id.as_str())
+            .and_then(|n| n["mailbox"].as_u64())
+    };
+    assert_eq!(depth(&tree_of(&admin, "").await), Some(0));
+
+    // Each stop or start holds the sandbox's actor for the runtime's
+    // latency; the requests behind it wait in its mailbox.
+    let mut requests = Vec::new();
+    for verb in ["stop", "start", "stop", "start"] {
+        let api = api.clone();
+        let path = format!("/v1/sandboxes/{id}/{verb}");
+        requests.push(tokio::spawn(
+            async move { api.post(&path, json!({})).await },
+        ));
+    }
+    let waiting = wait_for(
+        "messages waiting in the sandbox's mailbox",
+        DEADLINE,
+        || {
+            let admin = admin.clone();
+            let depth = &depth;
+            async move { depth(&tree_of(&admin, "").await).filter(|n| *n >= 2) }
+        },
+    )
+    .await;
+    let metrics = scrape(&format!("{}/metrics", admin.base)).await;
+    let deepest = metrics
+        .get("corral_actor_mailbox_max_messages{kind=\"sandbox\"}")
+        .copied()
+        .unwrap_or_default();
+    assert!(deepest >= 1.0, "max mailbox {deepest} while {waiting} wait");
+
+    for request in requests {
+        let (status, body) = request.await.expect("request task");
+        assert!(status.is_success(), "{status} {body}");
+    }
+    wait_for("the mailbox to empty", DEADLINE, || {
+        let admin = admin.clone();
+        let depth = &depth;
+        async move { (depth(&tree_of(&admin, "").await) == Some(0)).then_some(()) }
+    })
+    .await;
 }

@@ -1,5 +1,6 @@
 //! Scheduling with agents on the fake runtime over real gRPC: selectors,
-//! strategies and validation, private pools, operator actions (cordon,
+//! strategies and validation, per-org permission to choose the strategy,
+//! private pools, operator actions (cordon,
 //! drain, decommission), retries on a host that fails creates, host loss
 //! with the `on_host_loss` restart policy, waiting for capacity, and a race
 //! of concurrent creates that must never overfill a host.
@@ -157,21 +158,111 @@ async fn selectors_runtime_and_strategies_place_where_asked() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A `spread` create of an org that may choose: on the emptier host, where
+/// the deployment's binpack would have added it to `packed`.
+async fn assert_spread_chosen(api: &Api, name: &str, packed: &Value) {
+    let mut b = body(name, 100, 64);
+    b["placement"] = json!({"strategy": "spread"});
+    let sandbox = create(api, b).await;
+    assert_ne!(
+        &sandbox["host_id"], packed,
+        "spread was not applied: {sandbox}"
+    );
+}
+
 #[tokio::test]
-async fn a_deployment_can_forbid_strategy_overrides() {
+async fn strategy_overrides_follow_the_deployment_unless_the_org_has_its_own_permission() {
     let cp = TestServer::start_with(|c| {
         c.no_strategy_override = true;
         c.placement_strategy = "binpack".into();
     })
     .await;
-    let _agent = cp.fake_agent(4000, 4096, fake()).await;
-    let (_, api) = cp.create_org("acme").await;
-    let mut b = body("spread", 100, 64);
-    b["placement"] = json!({"strategy": "spread"});
-    let (status, err) = api.post("/v1/sandboxes", b).await;
+    let first = cp.fake_agent(4000, 4096, fake()).await;
+    let second = cp.fake_agent(4000, 4096, fake()).await;
+    let (org_a, api_a) = cp.create_org("chooser").await;
+    let (_, api_b) = cp.create_org("bystander").await;
+    let admin = cp.admin();
+    let mut spread = body("spread", 100, 64);
+    spread["placement"] = json!({"strategy": "spread"});
+
+    // The deployment forbids it: 422 before anything is stored.
+    let (status, err) = api_a.post("/v1/sandboxes", spread.clone()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert_eq!(error_code(&err), "strategy_override_not_allowed");
-    create(&api, body("default", 100, 64)).await;
+    let (_, list) = api_a.get("/v1/sandboxes").await;
+    assert_eq!(list["sandboxes"], json!([]), "{list}");
+    let (_, view) = api_a.get("/v1/placement").await;
+    assert_eq!(
+        view,
+        json!({"org_id": org_a, "private_pool_only": false,
+               "allow_strategy_override": null, "strategy_override_allowed": false})
+    );
+    // Without a strategy of its own a create gets binpack.
+    let one = create(&api_a, body("packed-1", 100, 64)).await;
+    let two = create(&api_a, body("packed-2", 100, 64)).await;
+    assert_eq!(one["host_id"], two["host_id"], "binpack: {one} {two}");
+
+    // The admin allows this org, and only it, to choose.
+    let path_a = format!("/v1/admin/orgs/{org_a}/placement");
+    let allow = json!({"private_pool_only": false, "allow_strategy_override": true});
+    let (status, err) = admin
+        .put(
+            &path_a,
+            json!({"private_pool_only": false, "allow_strategy_override": "yes"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    let (status, view) = admin.put(&path_a, allow).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["allow_strategy_override"], json!(true), "{view}");
+    assert_eq!(view["strategy_override_allowed"], json!(true), "{view}");
+    assert_spread_chosen(&api_a, "allowed", &one["host_id"]).await;
+    let (status, err) = api_b.post("/v1/sandboxes", spread.clone()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    let (_, view) = api_b.get("/v1/placement").await;
+    assert_eq!(view["strategy_override_allowed"], json!(false), "{view}");
+
+    // The permission survives a control-plane restart.
+    let cp = cp.restart().await;
+    for host in [&first.host_id, &second.host_id] {
+        cp.wait_host_ready(host).await;
+    }
+    assert_spread_chosen(&api_a, "after-restart", &one["host_id"]).await;
+
+    // Back to the deployment's default: refused again.
+    let (status, view) = cp
+        .admin()
+        .put(&path_a, json!({"private_pool_only": false}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["allow_strategy_override"], json!(null), "{view}");
+    let (status, err) = api_a.post("/v1/sandboxes", spread).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(error_code(&err), "strategy_override_not_allowed");
+}
+
+#[tokio::test]
+async fn an_org_can_be_denied_strategy_overrides_the_deployment_allows() {
+    let cp = TestServer::start().await;
+    let _agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (org, api) = cp.create_org("denied").await;
+    let (_, other) = cp.create_org("free").await;
+    let mut binpack = body("binpack", 100, 64);
+    binpack["placement"] = json!({"strategy": "binpack"});
+    create(&api, binpack.clone()).await;
+    let (status, view) = cp
+        .admin()
+        .put(
+            &format!("/v1/admin/orgs/{org}/placement"),
+            json!({"private_pool_only": false, "allow_strategy_override": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["strategy_override_allowed"], json!(false), "{view}");
+    let (status, err) = api.post("/v1/sandboxes", binpack.clone()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(error_code(&err), "strategy_override_not_allowed");
+    create(&other, binpack).await;
 }
 
 #[tokio::test]
@@ -256,7 +347,8 @@ async fn an_org_can_be_required_to_use_only_its_private_pool() {
     assert_eq!(error_code(&err), "invalid_body");
     let (status, view) = api_a.get("/v1/placement").await;
     assert_eq!(status, StatusCode::OK, "{view}");
-    assert_eq!(view, json!({ "org_id": org_a, "private_pool_only": false }));
+    assert_eq!(view["org_id"], json!(org_a));
+    assert_eq!(view["private_pool_only"], json!(false));
 
     // Off: a create too big for the pool goes to the shared fleet.
     let big = create(&api_a, body("a-big", 2000, 256)).await;
@@ -267,11 +359,12 @@ async fn an_org_can_be_required_to_use_only_its_private_pool() {
 
     let (status, view) = admin.put(&path_a, setting(true)).await;
     assert_eq!(status, StatusCode::OK, "{view}");
-    assert_eq!(view, json!({ "org_id": org_a, "private_pool_only": true }));
+    assert_eq!(view["private_pool_only"], json!(true), "{view}");
     let (_, view) = api_a.get("/v1/placement").await;
     assert_eq!(view["private_pool_only"], json!(true));
     let (_, view) = api_b.get("/v1/placement").await;
-    assert_eq!(view, json!({ "org_id": org_b, "private_pool_only": false }));
+    assert_eq!(view["org_id"], json!(org_b));
+    assert_eq!(view["private_pool_only"], json!(false));
     let (_, orgs) = admin.get("/v1/admin/orgs").await;
     let listed = orgs["orgs"]
         .as_array()

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::host::HostMsg;
 use crate::error::CorralError;
+use crate::mailbox::{self, Tell};
 
 /// The answer to a command: the agent's reply, or why there is none.
 pub type HostReply = Result<pb::reply::Result, CorralError>;
@@ -113,7 +114,7 @@ impl ConnectionState {
         }
         self.next_sweep = Some(due);
         let delay = due.saturating_duration_since(Instant::now()) + SWEEP_SLACK;
-        myself.send_after(delay, move || ConnMsg::Sweep { due });
+        myself.tell_after(delay, move || ConnMsg::Sweep { due });
     }
 }
 
@@ -129,6 +130,7 @@ impl Actor for ConnectionActor {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "connection");
         let ack = pb::ControlMessage {
             request_id: 0,
             trace: None,
@@ -165,6 +167,7 @@ impl Actor for ConnectionActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             ConnMsg::Request {
                 payload,
@@ -242,14 +245,15 @@ impl Actor for ConnectionActor {
 
     async fn post_stop(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         for (_, pending) in state.pending.drain() {
             let _ = pending.reply.send(Err(CorralError::HostDisconnected));
         }
         state.count_pending();
-        let _ = state.host.cast(HostMsg::Disconnected {
+        let _ = state.host.tell(HostMsg::Disconnected {
             generation: state.generation,
         });
         Ok(())
@@ -277,10 +281,10 @@ impl ConnectionActor {
                 }
             },
             Some(Payload::Heartbeat(heartbeat)) => {
-                let _ = state.host.cast(HostMsg::Heartbeat(heartbeat));
+                let _ = state.host.tell(HostMsg::Heartbeat(heartbeat));
             }
             Some(Payload::Event(event)) => {
-                let _ = state.host.cast(HostMsg::AgentEvent(event));
+                let _ = state.host.tell(HostMsg::AgentEvent(event));
             }
             Some(Payload::Register(_)) => {
                 tracing::warn!(host.id = %state.host_id, "ignoring a second register on one stream");

@@ -16,6 +16,7 @@ use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
 use crate::domain::{HostState, Resources, SandboxState};
 use crate::error::CorralError;
+use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
 use crate::store::{HostRegistration, Store};
 
@@ -72,6 +73,7 @@ impl Actor for FleetSupervisor {
         myself: ActorRef<Self::Msg>,
         args: FleetArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "fleet");
         let mut state = FleetState {
             args,
             hosts: HashMap::new(),
@@ -101,7 +103,7 @@ impl Actor for FleetSupervisor {
             let host = self.host_actor(&myself, &mut state, &host_id).await?;
             let holds = SandboxState::parse(&row.state).is_some_and(|s| s.holds_capacity());
             if holds {
-                state.args.scheduler.cast(SchedulerMsg::Restore {
+                state.args.scheduler.tell(SchedulerMsg::Restore {
                     sandbox_id: row.id.clone(),
                     host_id: host_id.clone(),
                     resources: Resources {
@@ -111,7 +113,7 @@ impl Actor for FleetSupervisor {
                     group: super::scheduler::group_of(&row),
                 })?;
             }
-            host.cast(HostMsg::SpawnSandbox {
+            host.tell(HostMsg::SpawnSandbox {
                 row,
                 insert: false,
                 waiter: None,
@@ -128,6 +130,7 @@ impl Actor for FleetSupervisor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             FleetMsg::HostConnected {
                 host_id,
@@ -140,7 +143,7 @@ impl Actor for FleetSupervisor {
                     // The HostActor answers the caller directly.
                     if let Err(ractor::MessagingErr::SendErr(HostMsg::Connected {
                         reply, ..
-                    })) = host.cast(HostMsg::Connected {
+                    })) = host.tell(HostMsg::Connected {
                         registration,
                         inventory,
                         outbound,
@@ -163,7 +166,7 @@ impl Actor for FleetSupervisor {
                 waiter,
             } => match self.host_actor(&myself, state, &host_id).await {
                 Ok(host) => {
-                    let _ = host.cast(HostMsg::Relocated {
+                    let _ = host.tell(HostMsg::Relocated {
                         row: *row,
                         tried,
                         waiter,
@@ -223,7 +226,7 @@ impl Actor for FleetSupervisor {
                         Ok(host) => {
                             for row in state.args.store.load_live_sandboxes().await? {
                                 if row.host_id.as_deref() == Some(host_id.as_str()) {
-                                    let _ = host.cast(HostMsg::SpawnSandbox {
+                                    let _ = host.tell(HostMsg::SpawnSandbox {
                                         row,
                                         insert: false,
                                         waiter: None,
@@ -241,6 +244,15 @@ impl Actor for FleetSupervisor {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
 use crate::domain::{HostAdminState, HostState, Resources, SandboxState};
 use crate::error::CorralError;
+use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
 use crate::store::{sandbox, HostRegistration, Store};
 
@@ -92,6 +93,9 @@ pub enum HostMsg {
     /// Operators changed the host's state; answers with the saved row.
     SetAdmin {
         admin: HostAdminState,
+        /// For a drain: how long each stopping sandbox gets to exit before
+        /// it is killed (default: the server's stop grace).
+        drain_deadline: Option<Duration>,
         reply: RpcReplyPort<Result<crate::store::host::Model, CorralError>>,
     },
     /// Fault injection for the supervision tests: panic in the handler.
@@ -140,10 +144,11 @@ impl Actor for HostActor {
         myself: ActorRef<Self::Msg>,
         args: HostArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(args.timeouts.reconcile_interval, || HostMsg::ReconcileTick);
+        mailbox::open(myself.get_id(), "host");
+        myself.tell_every(args.timeouts.reconcile_interval, || HostMsg::ReconcileTick);
         // A host that is not connected when its actor starts (control-plane
         // start, actor restart) goes offline unless it dials in in time.
-        myself.send_after(args.timeouts.offline_grace, || HostMsg::OfflineDeadline {
+        myself.tell_after(args.timeouts.offline_grace, || HostMsg::OfflineDeadline {
             generation: 0,
         });
         Ok(HostActorState {
@@ -165,6 +170,7 @@ impl Actor for HostActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             HostMsg::Connected {
                 registration,
@@ -207,7 +213,7 @@ impl Actor for HostActor {
             }
             HostMsg::Heartbeat(heartbeat) => {
                 if let Some(usage) = heartbeat.usage {
-                    let _ = state.args.scheduler.cast(SchedulerMsg::Usage {
+                    let _ = state.args.scheduler.tell(SchedulerMsg::Usage {
                         host_id: state.args.host_id.clone(),
                         usage: Resources {
                             cpu_millis: u64::from(usage.cpu_millis),
@@ -235,8 +241,12 @@ impl Actor for HostActor {
                     tracing::error!(host.id = %state.args.host_id, sandbox.id = %id, error = %err, "could not start the actor of a moved sandbox");
                 }
             }
-            HostMsg::SetAdmin { admin, reply } => {
-                let result = self.set_admin(state, admin).await;
+            HostMsg::SetAdmin {
+                admin,
+                drain_deadline,
+                reply,
+            } => {
+                let result = self.set_admin(state, admin, drain_deadline).await;
                 let _ = reply.send(result);
             }
             HostMsg::AgentEvent(event) => {
@@ -245,7 +255,7 @@ impl Actor for HostActor {
                 };
                 match state.sandboxes.get(&status.sandbox_id) {
                     Some(sandbox) => {
-                        let _ = sandbox.cast(SandboxMsg::Observed {
+                        let _ = sandbox.tell(SandboxMsg::Observed {
                             status,
                             reason: event.reason,
                             as_of: Instant::now(),
@@ -321,6 +331,15 @@ impl Actor for HostActor {
         }
         Ok(())
     }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
+        Ok(())
+    }
 }
 
 /// Hands a command to the current connection, or fails it at once.
@@ -334,7 +353,7 @@ fn dispatch(
     match &state.connection {
         Some((_, conn)) => {
             if let Err(ractor::MessagingErr::SendErr(ConnMsg::Request { reply, .. })) =
-                conn.cast(ConnMsg::Request {
+                conn.tell(ConnMsg::Request {
                     payload,
                     timeout,
                     reply,
@@ -425,7 +444,7 @@ impl HostActor {
         .map_err(|e| CorralError::Internal(format!("spawn connection: {e}")))?;
         state.args.metrics.registry.started(&conn.get_cell(), None);
         state.connection = Some((state.generation, conn.clone()));
-        let _ = state.args.scheduler.cast(SchedulerMsg::HostUp {
+        let _ = state.args.scheduler.tell(SchedulerMsg::HostUp {
             host_id: host_id.clone(),
             info: HostInfo {
                 reported: Resources {
@@ -474,7 +493,7 @@ impl HostActor {
                     tracing::debug!(host.id = %host_id, "no inventory this round");
                     // Still answer, so the next round is not blocked; a stale
                     // generation is ignored.
-                    let _ = myself.cast(HostMsg::Inventory {
+                    let _ = myself.tell(HostMsg::Inventory {
                         generation: u64::MAX,
                         as_of,
                         sandboxes: Vec::new(),
@@ -482,7 +501,7 @@ impl HostActor {
                     return;
                 }
             };
-            let _ = myself.cast(HostMsg::Inventory {
+            let _ = myself.tell(HostMsg::Inventory {
                 generation,
                 as_of,
                 sandboxes,
@@ -510,7 +529,7 @@ impl HostActor {
                 phase: pb::SandboxPhase::Absent as i32,
                 ..Default::default()
             });
-            let _ = sandbox.cast(SandboxMsg::Observed {
+            let _ = sandbox.tell(SandboxMsg::Observed {
                 status,
                 reason: "inventory".into(),
                 as_of,
@@ -552,7 +571,7 @@ impl HostActor {
         }
         if new_orphans {
             // Look again when they are due, not only at the next round.
-            myself.send_after(state.args.timeouts.orphan_grace, || HostMsg::ReconcileTick);
+            myself.tell_after(state.args.timeouts.orphan_grace, || HostMsg::ReconcileTick);
         }
         self.collect_orphans(myself, state);
     }
@@ -581,7 +600,7 @@ impl HostActor {
             let myself = myself.clone();
             tokio::spawn(async move {
                 let ok = matches!(rx.await, Ok(Ok(_)));
-                let _ = myself.cast(HostMsg::OrphanCollected { sandbox_id: id, ok });
+                let _ = myself.tell(HostMsg::OrphanCollected { sandbox_id: id, ok });
             });
         }
     }
@@ -601,7 +620,7 @@ impl HostActor {
         state.collecting.clear();
         let host_id = state.args.host_id.clone();
         tracing::warn!(host.id = %host_id, generation, grace = ?state.args.timeouts.offline_grace, "host disconnected");
-        let _ = state.args.scheduler.cast(SchedulerMsg::HostDown {
+        let _ = state.args.scheduler.tell(SchedulerMsg::HostDown {
             host_id: host_id.clone(),
         });
         if let Err(err) = state
@@ -612,7 +631,7 @@ impl HostActor {
         {
             tracing::error!(host.id = %host_id, error = %err, "could not record the disconnect");
         }
-        myself.send_after(state.args.timeouts.offline_grace, move || {
+        myself.tell_after(state.args.timeouts.offline_grace, move || {
             HostMsg::OfflineDeadline { generation }
         });
     }
@@ -639,7 +658,7 @@ impl HostActor {
             }
         }
         for sandbox in state.sandboxes.values() {
-            let _ = sandbox.cast(SandboxMsg::HostOffline);
+            let _ = sandbox.tell(SandboxMsg::HostOffline);
         }
     }
 
@@ -650,17 +669,19 @@ impl HostActor {
         &self,
         state: &mut HostActorState,
         admin: HostAdminState,
+        drain_deadline: Option<Duration>,
     ) -> Result<crate::store::host::Model, CorralError> {
         let host_id = state.args.host_id.clone();
         let row = state.args.store.set_host_admin(&host_id, admin).await?;
-        let _ = state.args.scheduler.cast(SchedulerMsg::SetAdmin {
+        let _ = state.args.scheduler.tell(SchedulerMsg::SetAdmin {
             host_id: host_id.clone(),
             admin,
         });
         tracing::info!(host.id = %host_id, admin = %admin, "host state changed by an operator");
         if admin == HostAdminState::Draining {
+            let grace = drain_deadline.unwrap_or(state.args.timeouts.stop_grace);
             for sandbox in state.sandboxes.values() {
-                let _ = sandbox.cast(SandboxMsg::Drain);
+                let _ = sandbox.tell(SandboxMsg::Drain { grace });
             }
         }
         Ok(row)
@@ -708,7 +729,7 @@ impl HostActor {
         if let Err(err) = state.args.store.save_sandbox(row).await {
             tracing::error!(sandbox.id = %id, error = %err, "could not mark the sandbox failed");
         }
-        let _ = state.args.scheduler.cast(SchedulerMsg::Release {
+        let _ = state.args.scheduler.tell(SchedulerMsg::Release {
             sandbox_id: id.to_string(),
         });
     }

@@ -32,6 +32,7 @@ use super::supervision::{RestartBudget, RestartPolicy};
 use crate::billing::{self, BillingPolicy, Meter, MeterPhase, Plan, Quota, Usage, UsageCharge};
 use crate::domain::{BillingStatus, DesiredState, Resources, SandboxState};
 use crate::error::CorralError;
+use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
 use crate::store::{org, price_plan, sandbox, NewLedgerEntry, Store};
 
@@ -326,6 +327,7 @@ impl Actor for LedgerActor {
         myself: ActorRef<Self::Msg>,
         args: LedgerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "ledger");
         let store = &args.context.store;
         let org = store
             .get_org(&args.org_id)
@@ -347,16 +349,17 @@ impl Actor for LedgerActor {
         // resumes where the last persisted period ended, so a restart
         // neither skips nor repeats a period.
         resync(&mut state).await?;
-        myself.send_interval(state.ctx.policy.interval, || LedgerMsg::Tick);
+        myself.tell_every(state.ctx.policy.interval, || LedgerMsg::Tick);
         Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             LedgerMsg::Credit {
                 kind,
@@ -427,6 +430,15 @@ impl Actor for LedgerActor {
             }
             LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }
@@ -794,7 +806,7 @@ fn suspend_running(state: &LedgerState) {
             let actor: ActorRef<SandboxMsg> = cell.into();
             let (reply, _) = tokio::sync::oneshot::channel();
             tracing::info!(org.id = %state.org.id, sandbox.id = %meter.sandbox_id, "stopping a sandbox of a suspended org");
-            let _ = actor.cast(SandboxMsg::SetDesired {
+            let _ = actor.tell(SandboxMsg::SetDesired {
                 desired: DesiredState::Stopped,
                 reply: reply.into(),
                 span: tracing::Span::none(),
@@ -886,6 +898,7 @@ impl Actor for OrgsSupervisor {
         myself: ActorRef<Self::Msg>,
         args: OrgsArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "orgs");
         let mut state = OrgsState {
             args,
             ledgers: HashMap::new(),
@@ -905,13 +918,14 @@ impl Actor for OrgsSupervisor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             OrgsMsg::Ledger(org_id, reply) => {
                 let _ = reply.send(ledger(&myself, state, &org_id).await);
             }
             OrgsMsg::Forward { org_id, message } => match ledger(&myself, state, &org_id).await {
                 Ok(ledger) => {
-                    let _ = ledger.cast(message);
+                    let _ = ledger.tell(message);
                 }
                 Err(err) => {
                     tracing::warn!(org.id = %org_id, error = %err, "no ledger for a billing message; the next resync covers it");
@@ -954,6 +968,15 @@ impl Actor for OrgsSupervisor {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }

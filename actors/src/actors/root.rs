@@ -8,6 +8,7 @@ use super::fleet::{FleetArgs, FleetMsg, FleetSupervisor};
 use super::ledger::{BillingContext, BillingHook, OrgsArgs, OrgsMsg, OrgsSupervisor};
 use super::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulingPolicy};
 use super::{names, Timeouts};
+use crate::mailbox;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -44,6 +45,7 @@ impl Actor for RootSupervisor {
         myself: ActorRef<Self::Msg>,
         args: RootArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "root");
         let private_pool_only = args
             .store
             .private_pool_only_orgs()
@@ -102,10 +104,11 @@ impl Actor for RootSupervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             RootMsg::TopLevel(reply) => {
                 let _ = reply.send(state.clone());
@@ -134,6 +137,15 @@ impl Actor for RootSupervisor {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }

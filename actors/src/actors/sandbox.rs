@@ -35,6 +35,7 @@ use super::scheduler::SchedulerMsg;
 use super::Timeouts;
 use crate::domain::{DesiredState, ExecOutcome, ExecSpec, RestartPolicy, SandboxState};
 use crate::error::{CorralError, HostErrorCode};
+use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
 use crate::store::{sandbox, Store};
 
@@ -73,8 +74,9 @@ pub enum SandboxMsg {
     /// The host's offline grace ran out.
     HostOffline,
     /// The host is being drained: move the sandbox to another host
-    /// (`on_host_loss`) or stop it (`never`).
-    Drain,
+    /// (`on_host_loss`) or stop it (`never`), killing it if it has not
+    /// exited `grace` after being asked to stop.
+    Drain { grace: Duration },
     /// The TTL timer fired.
     Expire,
     /// Fault injection for the supervision tests: panic in the handler.
@@ -144,6 +146,9 @@ pub struct SandboxActorState {
     tried: BTreeSet<String>,
     /// Set by a step that decided the sandbox must go to another host.
     relocating: Option<Relocation>,
+    /// How long a stop waits for the process to exit before killing it:
+    /// the server's stop grace, or a drain's shorter deadline.
+    stop_grace: Duration,
 }
 
 pub struct SandboxActor;
@@ -248,9 +253,10 @@ impl Actor for SandboxActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: SandboxArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "sandbox");
         // Persist the intent before anything is sent to a host.
         let row = if args.insert {
             let row = args.store.insert_sandbox(args.row).await?;
@@ -279,7 +285,7 @@ impl Actor for SandboxActor {
             host: args.host,
             scheduler: args.scheduler,
             orgs: args.orgs,
-            timeouts: args.timeouts,
+            timeouts: args.timeouts.clone(),
             metrics: args.metrics,
             last_change: Instant::now(),
             transition_since,
@@ -291,6 +297,7 @@ impl Actor for SandboxActor {
             max_create_attempts: args.max_create_attempts,
             tried: args.tried,
             relocating: None,
+            stop_grace: args.timeouts.stop_grace,
         })
     }
 
@@ -301,10 +308,10 @@ impl Actor for SandboxActor {
     ) -> Result<(), ActorProcessingErr> {
         // Start converging at once; the creator, if waiting, gets the
         // outcome of this very attempt.
-        let _ = myself.cast(SandboxMsg::Converge(state.waiter.take()));
+        let _ = myself.tell(SandboxMsg::Converge(state.waiter.take()));
         if let Some(expires_at) = state.row.expires_at {
             let delay = (expires_at - Utc::now()).to_std().unwrap_or_default();
-            myself.send_after(delay, || SandboxMsg::Expire);
+            myself.tell_after(delay, || SandboxMsg::Expire);
         }
         Ok(())
     }
@@ -315,6 +322,7 @@ impl Actor for SandboxActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             SandboxMsg::Converge(reply) => {
                 state.retry_scheduled = false;
@@ -378,13 +386,25 @@ impl Actor for SandboxActor {
                         .await;
                 }
             }
-            SandboxMsg::Drain => self.drain(&myself, state).await,
+            SandboxMsg::Drain { grace } => {
+                state.stop_grace = state.stop_grace.min(grace);
+                self.drain(&myself, state).await;
+            }
             SandboxMsg::Expire => self.expire(&myself, state).await,
             SandboxMsg::InjectPanic => panic!("injected fault in sandbox {}", state.row.id),
         }
         if state_of(&state.row).is_terminal() {
             myself.stop(Some("destroyed".into()));
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }
@@ -515,10 +535,10 @@ impl SandboxActor {
             Step::Stop => (
                 pb::control_message::Payload::Stop(pb::StopSandbox {
                     sandbox_id: row.id.clone(),
-                    grace_period_ms: u32::try_from(state.timeouts.stop_grace.as_millis())
+                    grace_period_ms: u32::try_from(state.stop_grace.as_millis())
                         .unwrap_or(u32::MAX),
                 }),
-                state.timeouts.stop_grace + state.timeouts.start,
+                state.stop_grace + state.timeouts.start,
             ),
             Step::Destroy => (
                 pb::control_message::Payload::Destroy(pb::DestroySandbox {
@@ -687,7 +707,7 @@ impl SandboxActor {
         match observation(current, observed) {
             Observation::Agrees | Observation::Transitional => {
                 if next_step(current, desired_of(&row)).is_some() && !state.retry_scheduled {
-                    let _ = myself.cast(SandboxMsg::Converge(None));
+                    let _ = myself.tell(SandboxMsg::Converge(None));
                 }
                 return;
             }
@@ -742,7 +762,7 @@ impl SandboxActor {
             self.release(state);
         }
         if next_step(state_of(&state.row), desired_of(&state.row)).is_some() {
-            let _ = myself.cast(SandboxMsg::Converge(None));
+            let _ = myself.tell(SandboxMsg::Converge(None));
         }
     }
 
@@ -761,7 +781,7 @@ impl SandboxActor {
         let admitted = matches!(
             state
                 .scheduler
-                .call(
+                .ask(
                     |reply| SchedulerMsg::Readmit {
                         sandbox_id,
                         host_id,
@@ -841,7 +861,7 @@ impl SandboxActor {
                 tracing::error!(sandbox.id = %state.row.id, error = %err, "could not stop a sandbox of a drained host");
                 return;
             }
-            let _ = myself.cast(SandboxMsg::Converge(None));
+            let _ = myself.tell(SandboxMsg::Converge(None));
         }
     }
 
@@ -863,7 +883,7 @@ impl SandboxActor {
         let sandbox_id = state.row.id.clone();
         let placed = match state
             .scheduler
-            .call(
+            .ask(
                 |reply| SchedulerMsg::Place {
                     sandbox_id,
                     request,
@@ -927,7 +947,7 @@ impl SandboxActor {
             return;
         }
         tracing::info!(sandbox.id = %state.row.id, from = %old_host, to = %new_host, ?cause, "sandbox placed on another host");
-        let _ = state.fleet.cast(FleetMsg::Relocated {
+        let _ = state.fleet.tell(FleetMsg::Relocated {
             host_id: new_host,
             row: Box::new(state.row.clone()),
             tried: state.tried.clone(),
@@ -947,10 +967,10 @@ impl SandboxActor {
         row.desired_state = DesiredState::Destroyed.as_str().to_string();
         if let Err(err) = self.persist(state, row).await {
             tracing::error!(sandbox.id = %state.row.id, error = %err, "could not record the TTL expiry; retrying");
-            myself.send_after(Duration::from_secs(1), || SandboxMsg::Expire);
+            myself.tell_after(Duration::from_secs(1), || SandboxMsg::Expire);
             return;
         }
-        let _ = myself.cast(SandboxMsg::Converge(None));
+        let _ = myself.tell(SandboxMsg::Converge(None));
     }
 
     fn transition_expired(&self, state: &SandboxActorState) -> bool {
@@ -1024,7 +1044,7 @@ impl SandboxActor {
         let phase = metered_phase(after);
         if metered_phase(before) != phase {
             // Metering follows what was persisted, at the moment it was.
-            let _ = state.orgs.cast(OrgsMsg::Forward {
+            let _ = state.orgs.tell(OrgsMsg::Forward {
                 org_id: saved.org_id.clone(),
                 message: LedgerMsg::Meter {
                     sandbox_id: saved.id.clone(),
@@ -1042,7 +1062,7 @@ impl SandboxActor {
     }
 
     fn release(&self, state: &SandboxActorState) {
-        let _ = state.scheduler.cast(SchedulerMsg::Release {
+        let _ = state.scheduler.tell(SchedulerMsg::Release {
             sandbox_id: state.row.id.clone(),
         });
     }
@@ -1056,7 +1076,7 @@ impl SandboxActor {
         let backoff = Duration::from_millis(500)
             .saturating_mul(1 << state.faults.min(6))
             .min(Duration::from_secs(30));
-        myself.send_after(backoff, || SandboxMsg::Converge(None));
+        myself.tell_after(backoff, || SandboxMsg::Converge(None));
     }
 }
 
@@ -1154,7 +1174,7 @@ pub(crate) async fn send_to_host(
         tracestate: w.tracestate,
     });
     let result = match host
-        .call(
+        .ask(
             |reply| HostMsg::Dispatch {
                 payload,
                 timeout,

@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::domain::{HostAdminState, Placement, PlacementStrategy, Resources};
 use crate::error::CorralError;
+use crate::mailbox;
 pub use crate::placement::HostCapacity;
 use crate::placement::{self, Fleet, MapFleet, PlacementRequest, Rng};
 use crate::store::sandbox;
@@ -33,8 +34,9 @@ pub struct SchedulingPolicy {
     pub overcommit: f64,
     /// `--placement-strategy`.
     pub strategy: PlacementStrategy,
-    /// Whether a request may choose its own strategy
-    /// (`--no-strategy-override` turns it off).
+    /// Whether a request may choose its own strategy, for orgs without a
+    /// setting of their own (`--no-strategy-override` turns it off; the API
+    /// enforces it, see `ControlPlane::allows_strategy_override`).
     pub allow_strategy_override: bool,
     /// Hosts a create is tried on when hosts fail it
     /// (`--max-create-attempts`).
@@ -253,12 +255,10 @@ impl SchedulerState {
         Some(r)
     }
 
-    /// The strategy a request gets: its own if the deployment allows it.
+    /// The strategy a request gets: its own (the API admitted it only where
+    /// the org may choose), else the deployment's.
     pub fn strategy_for(&self, placement: &Placement) -> PlacementStrategy {
-        match placement.strategy {
-            Some(s) if self.policy.allow_strategy_override => s,
-            _ => self.policy.strategy,
-        }
+        placement.strategy.unwrap_or(self.policy.strategy)
     }
 
     /// Sets or clears an org's requirement to use only its private pool.
@@ -363,9 +363,10 @@ impl Actor for Scheduler {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        mailbox::open(myself.get_id(), "scheduler");
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| format!("getrandom: {e}"))?;
         let mut state = SchedulerState::new(args.policy, u64::from_le_bytes(seed));
@@ -375,10 +376,11 @@ impl Actor for Scheduler {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        mailbox::took(myself.get_id());
         match message {
             SchedulerMsg::Place {
                 sandbox_id,
@@ -439,6 +441,15 @@ impl Actor for Scheduler {
                 let _ = reply.send(state.snapshot());
             }
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        mailbox::close(myself.get_id());
         Ok(())
     }
 }
@@ -579,22 +590,22 @@ mod tests {
     }
 
     #[test]
-    fn strategy_override_follows_the_policy() {
+    fn a_request_without_a_strategy_gets_the_deployments() {
         let mut placement = Placement {
             strategy: Some(PlacementStrategy::Binpack),
             ..Default::default()
         };
-        let open = SchedulerState::new(SchedulingPolicy::default(), 1);
-        assert_eq!(open.strategy_for(&placement), PlacementStrategy::Binpack);
-        let closed = SchedulerState::new(
+        let state = SchedulerState::new(SchedulingPolicy::default(), 1);
+        assert_eq!(state.strategy_for(&placement), PlacementStrategy::Binpack);
+        placement.strategy = None;
+        assert_eq!(state.strategy_for(&placement), PlacementStrategy::Spread);
+        let binpack = SchedulerState::new(
             SchedulingPolicy {
-                allow_strategy_override: false,
+                strategy: PlacementStrategy::Binpack,
                 ..Default::default()
             },
             1,
         );
-        assert_eq!(closed.strategy_for(&placement), PlacementStrategy::Spread);
-        placement.strategy = None;
-        assert_eq!(open.strategy_for(&placement), PlacementStrategy::Spread);
+        assert_eq!(binpack.strategy_for(&placement), PlacementStrategy::Binpack);
     }
 }

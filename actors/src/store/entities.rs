@@ -22,8 +22,12 @@ pub mod org {
         pub max_memory_mb: Option<i64>,
         pub max_ttl_seconds: Option<i64>,
         /// Its sandboxes go only to its private pool (set by the platform
-        /// admin; written only by [`crate::store::Store::set_org_private_pool_only`]).
+        /// admin; written only by [`crate::store::Store::set_org_placement`]).
         pub private_pool_only: bool,
+        /// Whether its requests may choose the placement strategy; `None`
+        /// follows the deployment (written only by
+        /// [`crate::store::Store::set_org_placement`]).
+        pub allow_strategy_override: Option<bool>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

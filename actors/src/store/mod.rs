@@ -174,6 +174,7 @@ impl Store {
             max_memory_mb: Set(None),
             max_ttl_seconds: Set(None),
             private_pool_only: Set(false),
+            allow_strategy_override: Set(None),
         };
         model.insert(&self.db).await.map_err(|err| {
             if is_unique_violation(&err) {
@@ -195,10 +196,21 @@ impl Store {
             .await?)
     }
 
-    /// Sets whether the org's sandboxes go only to its private pool.
-    pub async fn set_org_private_pool_only(&self, id: &str, on: bool) -> Result<org::Model> {
+    /// Sets the org's placement settings: whether its sandboxes go only to
+    /// its private pool, and whether its requests may choose the strategy
+    /// (`None`: as the deployment says).
+    pub async fn set_org_placement(
+        &self,
+        id: &str,
+        private_pool_only: bool,
+        allow_strategy_override: Option<bool>,
+    ) -> Result<org::Model> {
         let updated = org::Entity::update_many()
-            .col_expr(org::Column::PrivatePoolOnly, Expr::value(on))
+            .col_expr(org::Column::PrivatePoolOnly, Expr::value(private_pool_only))
+            .col_expr(
+                org::Column::AllowStrategyOverride,
+                Expr::value(allow_strategy_override),
+            )
             .filter(org::Column::Id.eq(id))
             .exec(&self.db)
             .await?;
@@ -218,6 +230,17 @@ impl Store {
             .await?
             .into_iter()
             .map(|o| o.id)
+            .collect())
+    }
+
+    /// The orgs with a strategy-override setting of their own, and it.
+    pub async fn org_strategy_overrides(&self) -> Result<Vec<(String, bool)>> {
+        Ok(org::Entity::find()
+            .filter(org::Column::AllowStrategyOverride.is_not_null())
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .filter_map(|o| Some((o.id, o.allow_strategy_override?)))
             .collect())
     }
 
@@ -664,9 +687,10 @@ impl Store {
 
     pub async fn save_org(&self, model: org::Model) -> Result<org::Model> {
         let mut active: org::ActiveModel = model.into_active_model().reset_all();
-        // Owned by `set_org_private_pool_only`: a ledger's copy of the row
-        // may be older than the admin's last change.
+        // Owned by `set_org_placement`: a ledger's copy of the row may be
+        // older than the admin's last change.
         active.private_pool_only = sea_orm::ActiveValue::NotSet;
+        active.allow_strategy_override = sea_orm::ActiveValue::NotSet;
         Ok(active.update(&self.db).await?)
     }
 
