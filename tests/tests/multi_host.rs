@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use corral_tests::netlab::{skip_without_netlab, Fleet};
-use corral_tests::{create_sandbox, id_of};
+use corral_tests::{create_sandbox, id_of, wait_for};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -61,6 +61,21 @@ async fn spread(fleet: &Fleet, n: usize) -> Vec<(String, usize)> {
         placed.push((id, host));
     }
     placed
+}
+
+/// The machine of host `gone` dies: its agent and everything it ran, its
+/// link cut; returns once the host is `offline`.
+async fn lose_for_good(fleet: &mut Fleet, gone: usize) {
+    fleet.kill_agent(gone).await;
+    fleet.lab.kill_all_in(gone);
+    fleet.lab.partition(gone);
+    fleet
+        .wait_host_state(
+            gone,
+            "offline",
+            Duration::from_millis(GRACE_MS) + Duration::from_secs(5),
+        )
+        .await;
 }
 
 async fn assert_all_running_where_placed(fleet: &Fleet, placed: &[(String, usize)]) {
@@ -193,17 +208,7 @@ async fn a_host_gone_for_good_leaves_its_sandboxes_lost() {
     let gone = 2;
     let (on_gone, elsewhere): (Vec<_>, Vec<_>) = placed.iter().partition(|(_, h)| *h == gone);
 
-    // The machine dies: its agent and everything it ran.
-    fleet.kill_agent(gone).await;
-    fleet.lab.kill_all_in(gone);
-    fleet.lab.partition(gone);
-    fleet
-        .wait_host_state(
-            gone,
-            "offline",
-            Duration::from_millis(GRACE_MS) + Duration::from_secs(5),
-        )
-        .await;
+    lose_for_good(&mut fleet, gone).await;
     // Sandboxes with the default restart policy (never) are not recreated
     // elsewhere: they stay lost until deleted.
     for (id, _) in &on_gone {
@@ -280,30 +285,17 @@ async fn a_host_gone_for_good_has_its_on_host_loss_sandboxes_recreated_elsewhere
     let (moving, _) = placed[0].clone();
     let before = fleet.sandbox(&moving).await;
 
-    // The machine dies: its agent and everything it ran.
-    fleet.kill_agent(gone).await;
-    fleet.lab.kill_all_in(gone);
-    fleet.lab.partition(gone);
-    fleet
-        .wait_host_state(
-            gone,
-            "offline",
-            Duration::from_millis(GRACE_MS) + Duration::from_secs(5),
-        )
-        .await;
+    lose_for_good(&mut fleet, gone).await;
     // Same id, a new host, running: an exec answers from another host.
-    let deadline = tokio::time::Instant::now() + RECOVERY;
-    let moved = loop {
-        let sandbox = fleet.sandbox(&moving).await;
-        if sandbox["state"] == "running" && sandbox["host_id"] != before["host_id"] {
-            break sandbox;
+    let moved = wait_for("the sandbox recreated elsewhere", RECOVERY, || {
+        let (fleet, moving, before) = (&fleet, &moving, &before);
+        async move {
+            let sandbox = fleet.sandbox(moving).await;
+            (sandbox["state"] == "running" && sandbox["host_id"] != before["host_id"])
+                .then_some(sandbox)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the sandbox was not recreated elsewhere: {sandbox}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(moved["restart_policy"], "on_host_loss");
     let now_on = fleet.locate(&moving).await;
     assert_ne!(now_on, gone);

@@ -191,7 +191,20 @@ async fn rest_and_the_agent_service_speak_tls() {
     assert!(grpc_dial(cp.server.grpc_url(), untrusting).await.is_err());
 
     // A real agent that trusts the CA registers over TLS.
-    let (host_id, token) = host_token(&cp).await;
+    agent_registers_over_tls(
+        &cp,
+        AgentTls {
+            ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+            identity: None,
+        },
+    )
+    .await;
+}
+
+/// A real (in-process) agent dialling with `tls` registers and its host
+/// becomes ready.
+async fn agent_registers_over_tls(cp: &TestServer, tls: AgentTls) {
+    let (host_id, token) = host_token(cp).await;
     let _agent = InProcessAgent::start_tls(
         &host_id,
         &cp.server.grpc_url(),
@@ -199,10 +212,7 @@ async fn rest_and_the_agent_service_speak_tls() {
         4000,
         4096,
         fake(),
-        AgentTls {
-            ca_pem: Some(pki.ca_pem.clone().into_bytes()),
-            identity: None,
-        },
+        tls,
     );
     cp.wait_host_ready(&host_id).await;
 }
@@ -246,17 +256,7 @@ async fn with_a_client_ca_agents_must_present_a_certificate() {
     grpc_dial(cp.server.grpc_url(), with_cert.clone())
         .await
         .expect("a client certificate from the CA is accepted");
-    let (host_id, token) = host_token(&cp).await;
-    let _agent = InProcessAgent::start_tls(
-        &host_id,
-        &cp.server.grpc_url(),
-        &token,
-        4000,
-        4096,
-        fake(),
-        with_cert,
-    );
-    cp.wait_host_ready(&host_id).await;
+    agent_registers_over_tls(&cp, with_cert).await;
 }
 
 #[tokio::test]
