@@ -273,6 +273,38 @@ async fn ledger_is_idempotent(store: &Store) {
         entries.iter().map(|e| e.amount_micros).sum::<i64>(),
         4_998_750
     );
+
+    // A batch (a billing tick) larger than one statement: new keys are
+    // inserted, a key already written is skipped, and a key given twice is
+    // inserted once, for its first occurrence.
+    let mut batch: Vec<NewLedgerEntry> = (0..1_203)
+        .map(|i| entry(&format!("tick-{i}"), -1))
+        .collect();
+    batch.insert(600, entry("k1", -7));
+    batch.push(entry("tick-5", -1));
+    let inserted = store
+        .append_ledger_entries(batch)
+        .await
+        .expect("append a batch");
+    assert_eq!(inserted.len(), 1_205);
+    assert_eq!(inserted.iter().filter(|new| **new).count(), 1_203);
+    assert!(!inserted[600], "k1 was written before");
+    assert!(!inserted[1_204], "tick-5 came earlier in the batch");
+    assert!(inserted[5] && inserted[601] && inserted[1_203]);
+    assert_eq!(
+        store.ledger_balance(&org.id).await.expect("balance"),
+        4_998_750 - 1_203
+    );
+    // The same batch again writes nothing.
+    let again = store
+        .append_ledger_entries(
+            (0..1_203)
+                .map(|i| entry(&format!("tick-{i}"), -1))
+                .collect(),
+        )
+        .await
+        .expect("append the batch again");
+    assert!(again.iter().all(|new| !new));
 }
 
 async fn full_suite(store: &Store) {

@@ -586,29 +586,46 @@ impl Store {
     }
 
     /// Appends entries in one transaction; each is skipped if its
-    /// idempotency key exists already. Answers, per entry, whether it was
-    /// inserted (so the caller applies exactly the new ones).
+    /// idempotency key exists already (or came earlier in `entries`).
+    /// Answers, per entry, whether it was inserted (so the caller applies
+    /// exactly the new ones). A billing tick writes one entry per running
+    /// sandbox of the org, so they go in multi-row statements: thousands of
+    /// one-row statements held the ledger's mailbox and the SQLite writer
+    /// for a second.
     pub async fn append_ledger_entries(&self, entries: Vec<NewLedgerEntry>) -> Result<Vec<bool>> {
         use sea_orm::sea_query::OnConflict;
-        use sea_orm::TransactionTrait;
+        use sea_orm::{TransactionTrait, TryInsertResult};
+        /// Rows per statement: 11 bound values each stays far below
+        /// SQLite's and PostgreSQL's limits on parameters.
+        const ROWS_PER_INSERT: usize = 500;
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        let keys: Vec<String> = entries.iter().map(|e| e.idempotency_key.clone()).collect();
         let txn = self.db.begin().await?;
-        let mut inserted = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let rows = ledger_entry::Entity::insert(entry.into_active())
+        let mut added = std::collections::HashSet::new();
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let chunk = entries
+                .by_ref()
+                .take(ROWS_PER_INSERT)
+                .map(NewLedgerEntry::into_active);
+            let result = ledger_entry::Entity::insert_many(chunk)
                 .on_conflict(
                     OnConflict::column(ledger_entry::Column::IdempotencyKey)
                         .do_nothing()
                         .to_owned(),
                 )
-                .exec_without_returning(&txn)
+                .do_nothing()
+                .exec_with_returning_many(&txn)
                 .await?;
-            inserted.push(rows > 0);
+            if let TryInsertResult::Inserted(rows) = result {
+                added.extend(rows.into_iter().map(|row| row.idempotency_key));
+            }
         }
         txn.commit().await?;
-        Ok(inserted)
+        // `remove`: a key given twice was inserted once, for its first.
+        Ok(keys.iter().map(|key| added.remove(key)).collect())
     }
 
     /// The end and carry of the latest usage period of each of these

@@ -44,7 +44,9 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("cp");
     let tokens = seed_host_tokens(&data, hosts).await?;
-    let (server, _) = ServerProcess::start(&data, free_port(), free_port(), &[]).await?;
+    // One API key fills the control plane: lift the per-key rate limit.
+    let (server, _) =
+        ServerProcess::start(&data, free_port(), free_port(), &super::NO_RATE_LIMIT).await?;
     let pid = server.pid()?;
     let (agents, _) = connect_fleet(
         &server.grpc_url(),

@@ -23,6 +23,19 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The highest per-key rate limit the server accepts: a benchmark's load
+/// generator is one API key, and the default limit (200/s) would be what
+/// a create-rate figure measured.
+pub const UNLIMITED: u32 = 1_000_000;
+
+/// [`UNLIMITED`] as `corral server` flags.
+pub const NO_RATE_LIMIT: [&str; 4] = [
+    "--rate-limit-per-second",
+    "1000000",
+    "--rate-limit-burst",
+    "1000000",
+];
+
 /// The scenarios, in the order `all` runs them.
 pub const SCENARIOS: &[&str] = &[
     "placement",
