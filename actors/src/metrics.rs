@@ -201,7 +201,6 @@ impl Metrics {
     pub fn actor_failed(&self, kind: &str, cell: &ActorCell, error: &str) {
         self.actor_restarts.inc();
         self.timings.restarts_by_kind.inc(&[kind]);
-        crate::mailbox::close(cell.get_id());
         self.registry.failed(cell, error);
     }
 
@@ -281,26 +280,29 @@ impl Metrics {
             &[(vec![], t.pending_requests.load(Ordering::Relaxed) as f64)],
         );
         let depths = crate::mailbox::by_kind();
-        corral_telemetry::prom::gauge(
-            &mut out,
-            "corral_actor_mailbox_messages",
-            "Messages waiting in actors' mailboxes, summed by actor kind.",
-            &["kind"],
-            &depths
+        for (name, help, deepest) in [
+            (
+                "corral_actor_mailbox_messages",
+                "Messages waiting in actors' mailboxes, summed by actor kind.",
+                false,
+            ),
+            (
+                "corral_actor_mailbox_max_messages",
+                "The deepest single mailbox of each actor kind.",
+                true,
+            ),
+        ] {
+            let rows: Vec<_> = depths
                 .iter()
-                .map(|(kind, total, _)| (vec![kind.to_string()], *total as f64))
-                .collect::<Vec<_>>(),
-        );
-        corral_telemetry::prom::gauge(
-            &mut out,
-            "corral_actor_mailbox_max_messages",
-            "The deepest single mailbox of each actor kind.",
-            &["kind"],
-            &depths
-                .iter()
-                .map(|(kind, _, max)| (vec![kind.to_string()], *max as f64))
-                .collect::<Vec<_>>(),
-        );
+                .map(|&(kind, total, max)| {
+                    (
+                        vec![kind.to_string()],
+                        if deepest { max } else { total } as f64,
+                    )
+                })
+                .collect();
+            corral_telemetry::prom::gauge(&mut out, name, help, &["kind"], &rows);
+        }
         out
     }
 }
