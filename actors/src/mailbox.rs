@@ -5,8 +5,10 @@
 //! ractor's `cast`, `call`, `send_after`, `send_interval`), which adds one to
 //! the receiver's depth, and every actor calls [`took`] as the first thing in
 //! `handle`. An actor's depth exists from [`open`] (first thing in
-//! `pre_start`) to [`close`] (its `post_stop`, or its supervisor seeing it
-//! fail), so a send racing with a stop can not leave a count behind.
+//! `pre_start`) until the [`Open`] it returned is dropped with the actor's
+//! state, whether the actor stopped, failed or never finished starting; a
+//! send only counts on a depth that exists, so a send racing with a stop
+//! can not leave a count behind.
 //!
 //! Counting is two relaxed atomic operations and a sharded-map read per
 //! message; reading the depths (actor tree, `/metrics`) takes no lock an
@@ -30,8 +32,20 @@ struct Depth {
 /// plane a process runs (tests run several).
 static DEPTHS: LazyLock<DashMap<ActorId, Depth>> = LazyLock::new(DashMap::new);
 
+/// Counting for one actor, until dropped: kept in the actor's state, so
+/// it ends with the actor however the actor ends.
+#[derive(Debug)]
+#[must_use = "the actor's mailbox is counted only while this lives"]
+pub struct Open(ActorId);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        DEPTHS.remove(&self.0);
+    }
+}
+
 /// Starts counting for the actor `id` of `kind`.
-pub fn open(id: ActorId, kind: &'static str) {
+pub fn open(id: ActorId, kind: &'static str) -> Open {
     DEPTHS.insert(
         id,
         Depth {
@@ -39,11 +53,7 @@ pub fn open(id: ActorId, kind: &'static str) {
             waiting: AtomicI64::new(0),
         },
     );
-}
-
-/// Stops counting for `id` (it stopped or failed). Idempotent.
-pub fn close(id: ActorId) {
-    DEPTHS.remove(&id);
+    Open(id)
 }
 
 /// The actor `id` took one message out of its mailbox.
@@ -183,36 +193,26 @@ mod tests {
 
     impl Actor for Slow {
         type Msg = (tokio::sync::oneshot::Receiver<()>, RpcReplyPort<()>);
-        type State = ();
+        type State = Open;
         type Arguments = ();
 
         async fn pre_start(
             &self,
             myself: ActorRef<Self::Msg>,
             _: (),
-        ) -> Result<(), ActorProcessingErr> {
-            open(myself.get_id(), "slow");
-            Ok(())
+        ) -> Result<Open, ActorProcessingErr> {
+            Ok(open(myself.get_id(), "slow"))
         }
 
         async fn handle(
             &self,
             myself: ActorRef<Self::Msg>,
             (gate, reply): Self::Msg,
-            _: &mut (),
+            _: &mut Open,
         ) -> Result<(), ActorProcessingErr> {
             took(myself.get_id());
             let _ = gate.await;
             let _ = reply.send(());
-            Ok(())
-        }
-
-        async fn post_stop(
-            &self,
-            myself: ActorRef<Self::Msg>,
-            _: &mut (),
-        ) -> Result<(), ActorProcessingErr> {
-            close(myself.get_id());
             Ok(())
         }
     }

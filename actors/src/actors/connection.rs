@@ -66,6 +66,8 @@ struct Pending {
 }
 
 pub struct ConnectionState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     host_id: String,
     generation: u64,
     outbound: mpsc::Sender<pb::ControlMessage>,
@@ -130,7 +132,7 @@ impl Actor for ConnectionActor {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "connection");
+        let mailbox = mailbox::open(myself.get_id(), "connection");
         let ack = pb::ControlMessage {
             request_id: 0,
             trace: None,
@@ -144,6 +146,7 @@ impl Actor for ConnectionActor {
             .try_send(ack)
             .map_err(|e| format!("stream closed before the register ack: {e}"))?;
         let mut state = ConnectionState {
+            _mailbox: mailbox,
             host_id: args.host_id,
             generation: args.generation,
             outbound: args.outbound,
@@ -245,10 +248,9 @@ impl Actor for ConnectionActor {
 
     async fn post_stop(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         for (_, pending) in state.pending.drain() {
             let _ = pending.reply.send(Err(CorralError::HostDisconnected));
         }

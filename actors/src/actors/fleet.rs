@@ -55,6 +55,8 @@ pub struct FleetArgs {
 }
 
 pub struct FleetState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     args: FleetArgs,
     hosts: HashMap<String, ActorRef<HostMsg>>,
     by_actor: HashMap<ActorId, String>,
@@ -73,8 +75,9 @@ impl Actor for FleetSupervisor {
         myself: ActorRef<Self::Msg>,
         args: FleetArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "fleet");
+        let mailbox = mailbox::open(myself.get_id(), "fleet");
         let mut state = FleetState {
+            _mailbox: mailbox,
             args,
             hosts: HashMap::new(),
             by_actor: HashMap::new(),
@@ -244,15 +247,6 @@ impl Actor for FleetSupervisor {
             }
             _ => {}
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }

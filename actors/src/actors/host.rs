@@ -118,6 +118,8 @@ pub struct HostArgs {
 }
 
 pub struct HostActorState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     args: HostArgs,
     connection: Option<(u64, ActorRef<ConnMsg>)>,
     generation: u64,
@@ -144,7 +146,7 @@ impl Actor for HostActor {
         myself: ActorRef<Self::Msg>,
         args: HostArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "host");
+        let mailbox = mailbox::open(myself.get_id(), "host");
         myself.tell_every(args.timeouts.reconcile_interval, || HostMsg::ReconcileTick);
         // A host that is not connected when its actor starts (control-plane
         // start, actor restart) goes offline unless it dials in in time.
@@ -152,6 +154,7 @@ impl Actor for HostActor {
             generation: 0,
         });
         Ok(HostActorState {
+            _mailbox: mailbox,
             args,
             connection: None,
             generation: 0,
@@ -329,15 +332,6 @@ impl Actor for HostActor {
             }
             _ => {}
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }

@@ -184,6 +184,8 @@ pub struct LedgerArgs {
 }
 
 pub struct LedgerState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     ctx: BillingContext,
     org: org::Model,
     plan: Plan,
@@ -327,7 +329,7 @@ impl Actor for LedgerActor {
         myself: ActorRef<Self::Msg>,
         args: LedgerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "ledger");
+        let mailbox = mailbox::open(myself.get_id(), "ledger");
         let store = &args.context.store;
         let org = store
             .get_org(&args.org_id)
@@ -336,6 +338,7 @@ impl Actor for LedgerActor {
         let plan = load_plan(store, org.plan_id.as_deref()).await?;
         let balance_micros = store.ledger_balance(&args.org_id).await?;
         let mut state = LedgerState {
+            _mailbox: mailbox,
             ctx: args.context,
             org,
             plan,
@@ -430,15 +433,6 @@ impl Actor for LedgerActor {
             }
             LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }
@@ -880,6 +874,8 @@ pub struct OrgsArgs {
 }
 
 pub struct OrgsState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     args: OrgsArgs,
     ledgers: HashMap<String, ActorRef<LedgerMsg>>,
     by_actor: HashMap<ActorId, String>,
@@ -898,8 +894,9 @@ impl Actor for OrgsSupervisor {
         myself: ActorRef<Self::Msg>,
         args: OrgsArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "orgs");
+        let mailbox = mailbox::open(myself.get_id(), "orgs");
         let mut state = OrgsState {
+            _mailbox: mailbox,
             args,
             ledgers: HashMap::new(),
             by_actor: HashMap::new(),
@@ -968,15 +965,6 @@ impl Actor for OrgsSupervisor {
             }
             _ => {}
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }

@@ -19,6 +19,12 @@ pub struct TopLevel {
     pub fleet: ActorRef<FleetMsg>,
 }
 
+pub struct RootState {
+    top: TopLevel,
+    /// Counts the root's mailbox while it lives (see `mailbox`).
+    _mailbox: mailbox::Open,
+}
+
 pub enum RootMsg {
     TopLevel(RpcReplyPort<TopLevel>),
 }
@@ -37,7 +43,7 @@ pub struct RootSupervisor;
 
 impl Actor for RootSupervisor {
     type Msg = RootMsg;
-    type State = TopLevel;
+    type State = RootState;
     type Arguments = RootArgs;
 
     async fn pre_start(
@@ -45,7 +51,7 @@ impl Actor for RootSupervisor {
         myself: ActorRef<Self::Msg>,
         args: RootArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "root");
+        let mailbox = mailbox::open(myself.get_id(), "root");
         let private_pool_only = args
             .store
             .private_pool_only_orgs()
@@ -95,10 +101,13 @@ impl Actor for RootSupervisor {
         for cell in [scheduler.get_cell(), orgs.get_cell(), fleet.get_cell()] {
             args.metrics.registry.started(&cell, None);
         }
-        Ok(TopLevel {
-            scheduler,
-            orgs,
-            fleet,
+        Ok(RootState {
+            top: TopLevel {
+                scheduler,
+                orgs,
+                fleet,
+            },
+            _mailbox: mailbox,
         })
     }
 
@@ -111,7 +120,7 @@ impl Actor for RootSupervisor {
         mailbox::took(myself.get_id());
         match message {
             RootMsg::TopLevel(reply) => {
-                let _ = reply.send(state.clone());
+                let _ = reply.send(state.top.clone());
             }
         }
         Ok(())
@@ -137,15 +146,6 @@ impl Actor for RootSupervisor {
             }
             _ => {}
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }

@@ -121,6 +121,8 @@ enum Relocation {
 }
 
 pub struct SandboxActorState {
+    /// Counts this actor's mailbox while the actor lives (see `mailbox`).
+    _mailbox: mailbox::Open,
     row: sandbox::Model,
     store: Store,
     host: ActorRef<HostMsg>,
@@ -256,7 +258,7 @@ impl Actor for SandboxActor {
         myself: ActorRef<Self::Msg>,
         args: SandboxArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "sandbox");
+        let mailbox = mailbox::open(myself.get_id(), "sandbox");
         // Persist the intent before anything is sent to a host.
         let row = if args.insert {
             let row = args.store.insert_sandbox(args.row).await?;
@@ -280,6 +282,7 @@ impl Actor for SandboxActor {
             Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
         });
         Ok(SandboxActorState {
+            _mailbox: mailbox,
             row,
             store: args.store,
             host: args.host,
@@ -396,15 +399,6 @@ impl Actor for SandboxActor {
         if state_of(&state.row).is_terminal() {
             myself.stop(Some("destroyed".into()));
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }

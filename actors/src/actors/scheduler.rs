@@ -163,6 +163,9 @@ pub struct SchedulerState {
     /// Orgs whose sandboxes go only to their private pool.
     pool_only: HashSet<String>,
     rng: Rng,
+    /// Counts the actor's mailbox while it lives; none when the state is
+    /// used without the actor (tests, the placement benchmark).
+    _mailbox: Option<mailbox::Open>,
 }
 
 /// What the Scheduler starts with.
@@ -182,6 +185,7 @@ impl SchedulerState {
             reservations: HashMap::new(),
             pool_only: HashSet::new(),
             rng: Rng::new(seed),
+            _mailbox: None,
         }
     }
 
@@ -366,10 +370,11 @@ impl Actor for Scheduler {
         myself: ActorRef<Self::Msg>,
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        mailbox::open(myself.get_id(), "scheduler");
+        let mailbox = mailbox::open(myself.get_id(), "scheduler");
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| format!("getrandom: {e}"))?;
         let mut state = SchedulerState::new(args.policy, u64::from_le_bytes(seed));
+        state._mailbox = Some(mailbox);
         state.pool_only = args.private_pool_only;
         Ok(state)
     }
@@ -441,15 +446,6 @@ impl Actor for Scheduler {
                 let _ = reply.send(state.snapshot());
             }
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        mailbox::close(myself.get_id());
         Ok(())
     }
 }
