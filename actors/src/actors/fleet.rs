@@ -14,7 +14,7 @@ use super::host::{HostActor, HostArgs, HostMsg};
 use super::scheduler::SchedulerMsg;
 use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
-use crate::domain::{HostState, Resources, SandboxState};
+use crate::domain::{Resources, SandboxState};
 use crate::error::CorralError;
 use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
@@ -83,23 +83,19 @@ impl Actor for FleetSupervisor {
             by_actor: HashMap::new(),
             restarts: RestartBudget::new(RestartPolicy::default()),
         };
+        let started = std::time::Instant::now();
         // No agent is connected to a control plane that just started.
+        state.args.store.disconnect_all_hosts().await?;
         for host in state.args.store.list_hosts().await? {
             if host.admin_state == crate::domain::HostAdminState::Decommissioned.as_str() {
                 continue;
             }
-            if host.state != HostState::Disconnected.as_str()
-                && host.state != HostState::Offline.as_str()
-            {
-                state
-                    .args
-                    .store
-                    .set_host_state(&host.id, HostState::Disconnected)
-                    .await?;
-            }
             self.host_actor(&myself, &mut state, &host.id).await?;
         }
-        for row in state.args.store.load_live_sandboxes().await? {
+        let hosts_loaded = started.elapsed();
+        let rows = state.args.store.load_live_sandboxes().await?;
+        let (rows_loaded, sandboxes) = (started.elapsed(), rows.len());
+        for row in rows {
             let Some(host_id) = row.host_id.clone() else {
                 continue;
             };
@@ -124,6 +120,14 @@ impl Actor for FleetSupervisor {
                 span: tracing::Span::none(),
             })?;
         }
+        tracing::info!(
+            hosts = state.hosts.len(),
+            sandboxes,
+            hosts_ms = hosts_loaded.as_millis(),
+            rows_ms = (rows_loaded - hosts_loaded).as_millis(),
+            total_ms = started.elapsed().as_millis(),
+            "fleet rebuilt from the database; sandbox actors start behind their hosts' mailboxes"
+        );
         Ok(state)
     }
 

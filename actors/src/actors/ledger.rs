@@ -34,7 +34,7 @@ use crate::domain::{BillingStatus, DesiredState, Resources, SandboxState};
 use crate::error::CorralError;
 use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
-use crate::store::{org, price_plan, sandbox, NewLedgerEntry, Store};
+use crate::store::{org, price_plan, MeteredSandbox, NewLedgerEntry, Store};
 
 /// A change of an org's billing status, as recorded and handed to hooks.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -236,7 +236,7 @@ fn quota_of(org: &org::Model) -> Quota {
     }
 }
 
-fn resources_of(row: &sandbox::Model) -> Resources {
+fn resources_of(row: &MeteredSandbox) -> Resources {
     Resources {
         cpu_millis: u64::try_from(row.cpu_millis).unwrap_or(0),
         memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
@@ -337,7 +337,7 @@ impl Actor for LedgerActor {
             .ok_or_else(|| format!("org {} not found", args.org_id))?;
         let plan = load_plan(store, org.plan_id.as_deref()).await?;
         let balance_micros = store.ledger_balance(&args.org_id).await?;
-        let mut state = LedgerState {
+        let state = LedgerState {
             _mailbox: mailbox,
             ctx: args.context,
             org,
@@ -348,12 +348,22 @@ impl Actor for LedgerActor {
             pending: HashMap::new(),
             ticks: 0,
         };
-        // Rebuild the meters from the rows and the entries: metering
-        // resumes where the last persisted period ended, so a restart
-        // neither skips nor repeats a period.
-        resync(&mut state).await?;
-        myself.tell_every(state.ctx.policy.interval, || LedgerMsg::Tick);
         Ok(state)
+    }
+
+    /// Rebuilds the meters from the rows and the entries: metering resumes
+    /// where the last persisted period ended, so a restart neither skips
+    /// nor repeats a period. Here rather than in `pre_start` so a
+    /// control-plane start rebuilds the ledgers and the fleet at once; no
+    /// message is handled before this is done.
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        resync(state).await?;
+        myself.tell_every(state.ctx.policy.interval, || LedgerMsg::Tick);
+        Ok(())
     }
 
     async fn handle(
@@ -553,9 +563,11 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
         .filter(|id| !seen.contains(*id))
         .cloned()
         .collect();
+    let changed_at: HashMap<&str, DateTime<Utc>> =
+        rows.iter().map(|r| (r.id.as_str(), r.updated_at)).collect();
     for id in ended {
-        let at = match rows.iter().find(|r| r.id == id) {
-            Some(row) => row.updated_at,
+        let at = match changed_at.get(id.as_str()) {
+            Some(at) => *at,
             // Destroyed rows are not among the live ones: read it.
             None => state
                 .ctx
@@ -577,7 +589,7 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
 /// A meter for a sandbox found running or kept: it resumes after the last
 /// persisted period (with its carry), or starts when the sandbox did.
 fn resume_meter(
-    row: &sandbox::Model,
+    row: &MeteredSandbox,
     phase: MeterPhase,
     last: Option<(DateTime<Utc>, i64)>,
 ) -> Meter {

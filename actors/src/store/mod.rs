@@ -81,6 +81,18 @@ fn generate_secret(prefix: &str) -> Result<String> {
     Ok(format!("{prefix}_{}", hex::encode(bytes)))
 }
 
+/// The columns of a live sandbox its org's ledger meters it by
+/// ([`Store::live_sandboxes_of`]).
+#[derive(Clone, Debug, PartialEq, sea_orm::FromQueryResult)]
+pub struct MeteredSandbox {
+    pub id: String,
+    pub state: String,
+    pub cpu_millis: i64,
+    pub memory_mb: i64,
+    pub started_at: Option<chrono::DateTime<Utc>>,
+    pub updated_at: chrono::DateTime<Utc>,
+}
+
 /// The hash under which a secret is stored.
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
@@ -431,6 +443,26 @@ impl Store {
         Ok(())
     }
 
+    /// Marks every host that is not offline or decommissioned disconnected,
+    /// in one statement: no agent is connected to a control plane that just
+    /// started.
+    pub async fn disconnect_all_hosts(&self) -> Result<u64> {
+        let done = host::Entity::update_many()
+            .col_expr(
+                host::Column::State,
+                Expr::value(HostState::Disconnected.as_str()),
+            )
+            .col_expr(host::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(host::Column::State.is_not_in([
+                HostState::Disconnected.as_str(),
+                HostState::Offline.as_str(),
+            ]))
+            .filter(host::Column::AdminState.ne(HostAdminState::Decommissioned.as_str()))
+            .exec(&self.db)
+            .await?;
+        Ok(done.rows_affected)
+    }
+
     /// Records an operator decision about a host.
     pub async fn set_host_admin(&self, id: &str, admin: HostAdminState) -> Result<host::Model> {
         let host = host::Entity::find_by_id(id)
@@ -694,10 +726,24 @@ impl Store {
     }
 
     /// The org's sandboxes that are not destroyed.
-    pub async fn live_sandboxes_of(&self, org_id: &str) -> Result<Vec<sandbox::Model>> {
+    /// What a ledger meters of each of an org's live sandboxes: a handful
+    /// of columns, not the row (a resync reads thousands; decoding the
+    /// command, env, labels and placement JSON of each was most of it).
+    pub async fn live_sandboxes_of(&self, org_id: &str) -> Result<Vec<MeteredSandbox>> {
+        use sandbox::Column as C;
         Ok(sandbox::Entity::find()
-            .filter(sandbox::Column::OrgId.eq(org_id))
-            .filter(sandbox::Column::State.ne(SandboxState::Destroyed.as_str()))
+            .select_only()
+            .columns([
+                C::Id,
+                C::State,
+                C::CpuMillis,
+                C::MemoryMb,
+                C::StartedAt,
+                C::UpdatedAt,
+            ])
+            .filter(C::OrgId.eq(org_id))
+            .filter(C::State.ne(SandboxState::Destroyed.as_str()))
+            .into_model::<MeteredSandbox>()
             .all(&self.db)
             .await?)
     }

@@ -44,7 +44,13 @@ impl ServerProcess {
             anyhow!("the corral binary is not built beside this one (scripts/bench builds it)")
         })?;
         std::fs::create_dir_all(data_dir)?;
-        let log = std::fs::File::create(data_dir.join("server.log"))?;
+        // CORRAL_BENCH_SERVER_LOG=<filter> shows the server's log on
+        // stderr (for finding where a scenario's time goes).
+        let shown = std::env::var("CORRAL_BENCH_SERVER_LOG").ok();
+        let log = match shown {
+            Some(_) => std::process::Stdio::inherit(),
+            None => std::fs::File::create(data_dir.join("server.log"))?.into(),
+        };
         let started = Instant::now();
         let process = ChildProcess::spawn(
             "corral server",
@@ -58,7 +64,7 @@ impl ServerProcess {
                 .arg(data_dir)
                 .args(extra_args)
                 .env("CORRAL_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", shown.as_deref().unwrap_or("warn"))
                 .env_remove("DATABASE_URL")
                 .stdout(std::process::Stdio::null())
                 .stderr(log),
