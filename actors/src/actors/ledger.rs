@@ -173,6 +173,12 @@ pub enum LedgerMsg {
         reply: RpcReplyPort<Result<LedgerSummary, CorralError>>,
     },
     Audit(RpcReplyPort<Result<LedgerAudit, CorralError>>),
+    /// A tick's usage entries were written (`Ok`: which were new) or not.
+    Charged {
+        due: Vec<UsageCharge>,
+        free: Vec<UsageCharge>,
+        inserted: Result<Vec<bool>, CorralError>,
+    },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -196,11 +202,19 @@ pub struct LedgerState {
     /// Authorized creates whose row may not exist yet.
     pending: HashMap<String, (Resources, Instant)>,
     ticks: u64,
+    /// The debits of a tick being written, if one is. Creates are gated
+    /// meanwhile as if they were already charged; everything that reads or
+    /// moves the meters or the balance waits in `deferred`.
+    writing: Option<i64>,
+    deferred: std::collections::VecDeque<LedgerMsg>,
 }
 
 /// The rows are re-read every this many ticks (metering itself follows the
 /// SandboxActors' messages; the re-read only catches a lost one).
 const RESYNC_EVERY_TICKS: u64 = 6;
+
+/// How long a starting ledger retries reading its sandboxes before it fails.
+const RESYNC_AT_START_FOR: Duration = Duration::from_secs(30);
 
 /// How long an authorized create keeps its reservation without a row.
 const PENDING_TTL: Duration = Duration::from_secs(120);
@@ -299,16 +313,18 @@ impl LedgerState {
                 "the organisation is suspended for lack of credit; add credit to resume".into(),
             ));
         }
-        let available = self
+        let balance = self
             .balance_micros
+            .saturating_sub(self.writing.unwrap_or(0));
+        let available = balance
             .saturating_sub(self.held_micros())
             .saturating_sub(extra_hold);
         let minimum = self.ctx.policy.min_balance_micros;
-        if self.balance_micros <= minimum || available < minimum {
+        if balance <= minimum || available < minimum {
             return Err(CorralError::PaymentRequired(format!(
                 "insufficient credit: the balance is {} micro-units, {} are held for running \
                  sandboxes, and this needs {} more",
-                self.balance_micros,
+                balance,
                 self.held_micros(),
                 extra_hold
             )));
@@ -347,6 +363,8 @@ impl Actor for LedgerActor {
             live: HashMap::new(),
             pending: HashMap::new(),
             ticks: 0,
+            writing: None,
+            deferred: Default::default(),
         };
         Ok(state)
     }
@@ -355,13 +373,22 @@ impl Actor for LedgerActor {
     /// where the last persisted period ended, so a restart neither skips
     /// nor repeats a period. Here rather than in `pre_start` so a
     /// control-plane start rebuilds the ledgers and the fleet at once; no
-    /// message is handled before this is done.
+    /// message is handled before this is done. A database that fails here
+    /// is retried for a while rather than failing the actor at once (its
+    /// supervisor would soon give up on it and stop the control plane).
     async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        resync(state).await?;
+        let deadline = Instant::now() + RESYNC_AT_START_FOR;
+        while let Err(err) = resync(state).await {
+            if Instant::now() >= deadline {
+                return Err(err.into());
+            }
+            tracing::warn!(org.id = %state.org.id, error = %err, "could not read the org's sandboxes to resume metering; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         myself.tell_every(state.ctx.policy.interval, || LedgerMsg::Tick);
         Ok(())
     }
@@ -373,6 +400,42 @@ impl Actor for LedgerActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         mailbox::took(myself.get_id());
+        if state.writing.is_some() && waits_for_writes(&message) {
+            state.deferred.push_back(message);
+            return Ok(());
+        }
+        self.handle_now(&myself, message, state).await;
+        while state.writing.is_none() {
+            let Some(message) = state.deferred.pop_front() else {
+                break;
+            };
+            self.handle_now(&myself, message, state).await;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a message must wait for a tick's writes: everything but the
+/// gate (which counts the debits being written) and releasing a hold.
+fn waits_for_writes(message: &LedgerMsg) -> bool {
+    !matches!(
+        message,
+        LedgerMsg::AuthorizeCreate { .. }
+            | LedgerMsg::AuthorizeStart(_)
+            | LedgerMsg::Release { .. }
+            | LedgerMsg::Tick
+            | LedgerMsg::Charged { .. }
+            | LedgerMsg::InjectPanic
+    )
+}
+
+impl LedgerActor {
+    async fn handle_now(
+        &self,
+        myself: &ActorRef<LedgerMsg>,
+        message: LedgerMsg,
+        state: &mut LedgerState,
+    ) {
         match message {
             LedgerMsg::Credit {
                 kind,
@@ -423,12 +486,32 @@ impl Actor for LedgerActor {
                 meter_changed(state, &sandbox_id, phase, resources, at).await;
             }
             LedgerMsg::Tick => {
+                if state.writing.is_some() {
+                    // The last tick is still being written; the next one
+                    // charges this one's time too.
+                    return;
+                }
                 state.ticks += 1;
-                let due = state.ticks % RESYNC_EVERY_TICKS == 0;
+                let due = state.ticks.is_multiple_of(RESYNC_EVERY_TICKS);
                 if let Err(err) = if due { resync(state).await } else { Ok(()) } {
                     tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; charging what is known");
                 }
-                charge_meters(state, Utc::now()).await;
+                if !charge_meters(myself, state, Utc::now()) {
+                    evaluate(state, "metering").await;
+                }
+            }
+            LedgerMsg::Charged {
+                due,
+                free,
+                inserted,
+            } => {
+                state.writing = None;
+                match inserted {
+                    Ok(inserted) => apply_charges(state, &due, inserted, &free),
+                    Err(err) => {
+                        tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; it is charged on the next tick");
+                    }
+                }
                 evaluate(state, "metering").await;
             }
             LedgerMsg::Configure { settings, reply } => {
@@ -443,7 +526,6 @@ impl Actor for LedgerActor {
             }
             LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
-        Ok(())
     }
 }
 
@@ -668,27 +750,57 @@ async fn meter_changed(
 }
 
 /// Charges every meter up to `until`, in one transaction.
-async fn charge_meters(state: &mut LedgerState, until: DateTime<Utc>) {
-    let charges: Vec<UsageCharge> = state
+/// Charges every meter up to `until`. The entries are written by a task
+/// of their own (thousands of rows for a big org: long enough to stall
+/// every create behind this mailbox); the charges apply when it reports
+/// back in [`LedgerMsg::Charged`]. Answers whether a write was started
+/// (nothing is written when nothing is due).
+fn charge_meters(
+    myself: &ActorRef<LedgerMsg>,
+    state: &mut LedgerState,
+    until: DateTime<Utc>,
+) -> bool {
+    let (due, free) = split_charges(charges_until(state, until), false);
+    if due.is_empty() {
+        apply_charges(state, &due, Vec::new(), &free);
+        return false;
+    }
+    let entries = entries_of(state, &due);
+    state.writing = Some(due.iter().map(|c| c.micros).fold(0i64, i64::saturating_add));
+    let store = state.ctx.store.clone();
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        let inserted = store.append_ledger_entries(entries).await;
+        let _ = myself.tell(LedgerMsg::Charged {
+            due,
+            free,
+            inserted,
+        });
+    });
+    true
+}
+
+/// What every meter owes up to `until`.
+fn charges_until(state: &LedgerState, until: DateTime<Utc>) -> Vec<UsageCharge> {
+    state
         .meters
         .values()
         .filter_map(|m| m.charge(&state.plan, until))
-        .collect();
-    let _ = persist_charges(state, charges, false).await;
+        .collect()
 }
 
-/// Persists the charges [`billing::is_persisted`] keeps, then applies them
-/// all to the meters and the balance.
-async fn persist_charges(
-    state: &mut LedgerState,
+/// The charges [`billing::is_persisted`] keeps, and the rest.
+fn split_charges(
     charges: Vec<UsageCharge>,
     closes_phase: bool,
-) -> Result<(), CorralError> {
-    let (due, free): (Vec<UsageCharge>, Vec<UsageCharge>) = charges
+) -> (Vec<UsageCharge>, Vec<UsageCharge>) {
+    charges
         .into_iter()
-        .partition(|c| billing::is_persisted(c, closes_phase));
-    let entries = due
-        .iter()
+        .partition(|c| billing::is_persisted(c, closes_phase))
+}
+
+fn entries_of(state: &LedgerState, due: &[UsageCharge]) -> Vec<NewLedgerEntry> {
+    due.iter()
         .map(|c| NewLedgerEntry {
             org_id: state.org.id.clone(),
             kind: "usage".into(),
@@ -707,14 +819,41 @@ async fn persist_charges(
             period_end: Some(c.period_end),
             carry: Some(c.carry),
         })
-        .collect();
-    let inserted = match state.ctx.store.append_ledger_entries(entries).await {
+        .collect()
+}
+
+/// Persists the charges [`billing::is_persisted`] keeps, then applies them
+/// all to the meters and the balance.
+async fn persist_charges(
+    state: &mut LedgerState,
+    charges: Vec<UsageCharge>,
+    closes_phase: bool,
+) -> Result<(), CorralError> {
+    let (due, free) = split_charges(charges, closes_phase);
+    let inserted = match state
+        .ctx
+        .store
+        .append_ledger_entries(entries_of(state, &due))
+        .await
+    {
         Ok(inserted) => inserted,
         Err(err) => {
             tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; it is charged on the next tick");
             return Err(err);
         }
     };
+    apply_charges(state, &due, inserted, &free);
+    Ok(())
+}
+
+/// Applies persisted charges (the balance moves for those that were new:
+/// one already written is never charged again) and free ones to the meters.
+fn apply_charges(
+    state: &mut LedgerState,
+    due: &[UsageCharge],
+    inserted: Vec<bool>,
+    free: &[UsageCharge],
+) {
     for (charge, inserted) in due.iter().zip(inserted) {
         if inserted {
             state.balance_micros = state.balance_micros.saturating_sub(charge.micros);
@@ -730,12 +869,11 @@ async fn persist_charges(
             meter.apply(charge, true);
         }
     }
-    for charge in &free {
+    for charge in free {
         if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
             meter.apply(charge, false);
         }
     }
-    Ok(())
 }
 
 /// Moves the org to the status its balance calls for, and enforces it.
@@ -839,8 +977,9 @@ async fn configure(state: &mut LedgerState, settings: BillingSettings) -> Result
         org.max_ttl_seconds = limit(quota.max_ttl_seconds);
     }
     if plan != state.plan {
-        // Time so far is charged at the old prices.
-        charge_meters(state, Utc::now()).await;
+        // Time so far is charged at the old prices (or the plan stays).
+        let charges = charges_until(state, Utc::now());
+        persist_charges(state, charges, false).await?;
     }
     state.org = state.ctx.store.save_org(org).await?;
     state.plan = plan;
@@ -1011,4 +1150,156 @@ async fn ledger(
     state.by_actor.insert(ledger.get_id(), org_id.to_string());
     state.ledgers.insert(org_id.to_string(), ledger.clone());
     Ok(ledger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sandbox;
+    use sea_orm::sqlx::{Connection, SqliteConnection};
+
+    const DEPOSIT: i64 = 600_000;
+
+    fn running_row(org_id: &str, hours_ago: i64) -> sandbox::Model {
+        let started = Utc::now() - chrono::Duration::hours(hours_ago);
+        sandbox::Model {
+            id: crate::domain::new_id("sbx"),
+            org_id: org_id.into(),
+            host_id: Some("hst_1".into()),
+            name: None,
+            image: "busybox".into(),
+            command: serde_json::json!([]),
+            env: serde_json::json!({}),
+            labels: serde_json::json!({}),
+            workdir: None,
+            cpu_millis: 1_000,
+            memory_mb: 64,
+            ttl_seconds: None,
+            state: SandboxState::Running.as_str().into(),
+            desired_state: "running".into(),
+            failure_reason: None,
+            exit_code: None,
+            created_at: started,
+            updated_at: started,
+            started_at: Some(started),
+            expires_at: None,
+            restart_policy: "never".into(),
+            placement: None,
+            secret_env: None,
+            security: None,
+        }
+    }
+
+    async fn authorize(ledger: &ActorRef<LedgerMsg>) -> Result<Option<u64>, CorralError> {
+        let asked = ledger.ask(
+            |reply| LedgerMsg::AuthorizeCreate {
+                sandbox_id: crate::domain::new_id("sbx"),
+                resources: Resources {
+                    cpu_millis: 100,
+                    memory_mb: 64,
+                },
+                ttl_seconds: None,
+                reply,
+            },
+            Some(Duration::from_secs(2)),
+        );
+        match asked.await {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => panic!("the ledger did not answer an authorization within 2 s"),
+        }
+    }
+
+    /// A tick's usage entries are written beside the mailbox: while the
+    /// database is locked under the write, creates are still answered (and
+    /// gated as if the debit had landed), and what reads the balance waits
+    /// for the write, then sees it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_are_gated_during_a_tick_write_counting_its_debits() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let store = Store::connect(&url).await.expect("the store opens");
+        let org = store.create_org("acme").await.expect("an org");
+        store
+            .append_ledger_entry(NewLedgerEntry {
+                org_id: org.id.clone(),
+                kind: "deposit".into(),
+                amount_micros: DEPOSIT,
+                idempotency_key: "deposit-1".into(),
+                sandbox_id: None,
+                description: "test".into(),
+                period_start: None,
+                period_end: None,
+                carry: None,
+            })
+            .await
+            .expect("a deposit");
+        // 20 hours of one vCPU at the default plan: about 1.0 M micro-units,
+        // more than the deposit.
+        store
+            .insert_sandbox(running_row(&org.id, 20))
+            .await
+            .expect("a sandbox");
+        let policy = BillingPolicy {
+            interval: Duration::from_secs(3600),
+            ..BillingPolicy::default()
+        };
+        let (ledger, _) = Actor::spawn(
+            None,
+            LedgerActor,
+            LedgerArgs {
+                org_id: org.id.clone(),
+                context: BillingContext {
+                    store: store.clone(),
+                    policy,
+                    hook: Arc::new(LogHook),
+                    metrics: Metrics::default(),
+                    prefix: "t/".into(),
+                },
+            },
+        )
+        .await
+        .expect("the ledger starts");
+        assert!(
+            authorize(&ledger).await.is_ok(),
+            "affordable before the tick"
+        );
+
+        // Another connection holds SQLite's write lock: the tick's write
+        // waits on it (up to the 5 s busy timeout).
+        let mut lock = SqliteConnection::connect(&url).await.expect("a connection");
+        sea_orm::sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut lock)
+            .await
+            .expect("the write lock");
+        ledger.tell(LedgerMsg::Tick).expect("a tick");
+        let refused = authorize(&ledger).await;
+        assert!(
+            matches!(refused, Err(CorralError::PaymentRequired(_))),
+            "answered during the write, counting its debit: {refused:?}"
+        );
+        // Asked while the write still waits on the lock.
+        let (reply, summary) = ractor::concurrency::oneshot();
+        ledger
+            .tell(LedgerMsg::Summary(reply.into()))
+            .expect("a summary request");
+        sea_orm::sqlx::query("ROLLBACK")
+            .execute(&mut lock)
+            .await
+            .expect("the lock released");
+        let summary = tokio::time::timeout(Duration::from_secs(10), summary)
+            .await
+            .expect("a summary after the write")
+            .expect("the ledger answers");
+        assert!(
+            summary.balance_micros < 0 && summary.balance_micros > DEPOSIT - 1_100_000,
+            "the summary waited for the tick's debit: {}",
+            summary.balance_micros
+        );
+        assert_eq!(
+            store.ledger_balance(&org.id).await.expect("the balance"),
+            summary.balance_micros,
+            "written once, applied once"
+        );
+        ledger.stop(None);
+    }
 }
