@@ -13,6 +13,8 @@ pub use security::{AuditFilter, NewAuditEvent};
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use corral_migrations::{Migrator, MigratorTrait};
 use sea_orm::sea_query::{Alias, Expr, Func};
@@ -37,6 +39,47 @@ pub struct Store {
     /// Seals sandbox secret env values; `None` when no secret key is
     /// configured (then creates with secrets are refused).
     secrets: Option<crate::secrets::SecretBox>,
+    /// SQLite's WAL checkpoints, run in the background for as long as a
+    /// clone of this store lives (see [`Checkpoints`]).
+    _checkpoints: Option<Arc<Checkpoints>>,
+}
+
+/// Checkpoints an SQLite write-ahead log every second from a task of its
+/// own. SQLite's automatic checkpoint runs inside whichever commit crosses
+/// 1,000 pages and syncs the database file there: after a billing tick
+/// wrote thousands of entries, some create's one-row commit paid for it
+/// (half-rate p99 224-433 ms; 36-50 ms without). Connections are opened
+/// with `wal_autocheckpoint=0`; a passive checkpoint never waits for
+/// readers or writers, so no request does. Stops when the last store is
+/// dropped.
+#[derive(Debug)]
+struct Checkpoints(tokio::task::AbortHandle);
+
+impl Checkpoints {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn start(db: DatabaseConnection) -> Self {
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Self::EVERY);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(err) = db
+                    .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+                    .await
+                {
+                    tracing::debug!(error = %err, "WAL checkpoint failed; retried in a second");
+                }
+            }
+        });
+        Self(task.abort_handle())
+    }
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A secret as shown once to its owner, with the row that stores its hash.
@@ -135,13 +178,22 @@ impl Store {
                         .journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Normal)
                         .busy_timeout(std::time::Duration::from_secs(5))
+                        // Checkpoints run in the background (`Checkpoints`).
+                        .pragma("wal_autocheckpoint", "0")
                 });
         } else {
             options.max_connections(32);
         }
         let db = Database::connect(options).await?;
         Migrator::up(&db, None).await?;
-        Ok(Self { db, secrets: None })
+        let checkpoints = url
+            .starts_with("sqlite:")
+            .then(|| Arc::new(Checkpoints::start(db.clone())));
+        Ok(Self {
+            db,
+            secrets: None,
+            _checkpoints: checkpoints,
+        })
     }
 
     /// This store with a secret key: sandbox secret env values are sealed
