@@ -326,6 +326,23 @@ impl Actor for SandboxActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         mailbox::took(myself.get_id());
+        // Boxed: ractor allocates each actor's message loop once, at the
+        // size of its largest handler future, for the actor's whole life.
+        // Inline, this handler's (every step, host round trip and database
+        // write) cost each live sandbox about 7.4 KiB of its 19; boxed it
+        // exists only while a message is handled.
+        Box::pin(self.on_message(myself, message, state)).await;
+        Ok(())
+    }
+}
+
+impl SandboxActor {
+    async fn on_message(
+        &self,
+        myself: ActorRef<SandboxMsg>,
+        message: SandboxMsg,
+        state: &mut SandboxActorState,
+    ) {
         match message {
             SandboxMsg::Converge(reply) => {
                 state.retry_scheduled = false;
@@ -399,11 +416,8 @@ impl Actor for SandboxActor {
         if state_of(&state.row).is_terminal() {
             myself.stop(Some("destroyed".into()));
         }
-        Ok(())
     }
-}
 
-impl SandboxActor {
     async fn set_desired(
         &self,
         state: &mut SandboxActorState,
