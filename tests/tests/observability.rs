@@ -786,15 +786,25 @@ async fn the_actor_tree_and_metrics_show_messages_waiting_in_a_busy_mailbox() {
     assert_eq!(depth(&tree_of(&admin, "").await), Some(0));
 
     // Each stop or start holds the sandbox's actor for the runtime's
-    // latency; the requests behind it wait in its mailbox.
-    let mut requests = Vec::new();
-    for verb in ["stop", "start", "stop", "start"] {
+    // latency; the requests behind it wait in its mailbox. The first stop
+    // is under way before the others are sent (spawned together, a start
+    // could come first and be answered at once, leaving less to queue).
+    let send = |verb: &str| {
         let api = api.clone();
         let path = format!("/v1/sandboxes/{id}/{verb}");
-        requests.push(tokio::spawn(
-            async move { api.post(&path, json!({})).await },
-        ));
-    }
+        tokio::spawn(async move { api.post(&path, json!({})).await })
+    };
+    let mut requests = vec![send("stop")];
+    wait_for("the first stop under way", DEADLINE, || {
+        let api = api.clone();
+        let path = format!("/v1/sandboxes/{id}");
+        async move {
+            let state = api.get(&path).await.1["state"].clone();
+            (state == "stopping" || state == "stopped").then_some(())
+        }
+    })
+    .await;
+    requests.extend(["start", "stop", "start"].map(send));
     let waiting = wait_for(
         "messages waiting in the sandbox's mailbox",
         DEADLINE,
