@@ -71,6 +71,23 @@ pub struct BillingContext {
     pub hook: Arc<dyn BillingHook>,
     pub metrics: Metrics,
     pub prefix: String,
+    /// Held by each org's tick write for as long as it runs, and taken by a
+    /// starting ledger before it reads where metering resumes: a ledger
+    /// restarted while its predecessor's write is in flight reads after
+    /// that write, never before it (else its next charge would start at the
+    /// same instant as the in-flight one, collide on the idempotency key,
+    /// and leave the time between their ends uncharged).
+    pub tick_writes: TickWrites,
+}
+
+/// One lock per org, shared by every incarnation of its ledger.
+#[derive(Clone, Default)]
+pub struct TickWrites(Arc<dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl TickWrites {
+    fn of(&self, org_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.entry(org_id.to_string()).or_default().clone()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -352,13 +369,13 @@ impl Actor for LedgerActor {
             .await?
             .ok_or_else(|| format!("org {} not found", args.org_id))?;
         let plan = load_plan(store, org.plan_id.as_deref()).await?;
-        let balance_micros = store.ledger_balance(&args.org_id).await?;
         let state = LedgerState {
             _mailbox: mailbox,
             ctx: args.context,
             org,
             plan,
-            balance_micros,
+            // Read in `post_start`, after any write still in flight.
+            balance_micros: 0,
             meters: HashMap::new(),
             live: HashMap::new(),
             pending: HashMap::new(),
@@ -381,8 +398,10 @@ impl Actor for LedgerActor {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let lock = state.ctx.tick_writes.of(&state.org.id);
+        let _after_writes = lock.lock().await;
         let deadline = Instant::now() + RESYNC_AT_START_FOR;
-        while let Err(err) = resync(state).await {
+        while let Err(err) = rebuild(state).await {
             if Instant::now() >= deadline {
                 return Err(err.into());
             }
@@ -584,6 +603,13 @@ async fn credit(
 /// Re-reads the org's live sandboxes: reservations follow the rows, and
 /// meters start, change phase or end as the rows say (for changes whose
 /// message never arrived).
+/// A starting ledger's balance and meters, read after any write of its
+/// predecessor (see [`TickWrites`]).
+async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
+    state.balance_micros = state.ctx.store.ledger_balance(&state.org.id).await?;
+    resync(state).await
+}
+
 async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
     let now = Instant::now();
@@ -765,12 +791,18 @@ fn charge_meters(
         apply_charges(state, &due, Vec::new(), &free);
         return false;
     }
+    // Free unless a successor of this ledger is still reading where to
+    // resume (this one is then on its way out): then nothing is written.
+    let Ok(held) = state.ctx.tick_writes.of(&state.org.id).try_lock_owned() else {
+        return false;
+    };
     let entries = entries_of(state, &due);
     state.writing = Some(due.iter().map(|c| c.micros).fold(0i64, i64::saturating_add));
     let store = state.ctx.store.clone();
     let myself = myself.clone();
     tokio::spawn(async move {
         let inserted = store.append_ledger_entries(entries).await;
+        drop(held);
         let _ = myself.tell(LedgerMsg::Charged {
             due,
             free,
@@ -1209,12 +1241,19 @@ mod tests {
         }
     }
 
-    /// A tick's usage entries are written beside the mailbox: while the
-    /// database is locked under the write, creates are still answered (and
-    /// gated as if the debit had landed), and what reads the balance waits
-    /// for the write, then sees it once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn creates_are_gated_during_a_tick_write_counting_its_debits() {
+    struct Org {
+        _dir: tempfile::TempDir,
+        url: String,
+        store: Store,
+        id: String,
+        sandbox_id: String,
+        context: BillingContext,
+    }
+
+    /// An org with a deposit and one sandbox that has run for 20 hours at
+    /// one vCPU (about 1.0 M micro-units at the default plan, more than the
+    /// deposit), on a SQLite file.
+    async fn org_with_a_long_running_sandbox() -> Org {
         let dir = tempfile::tempdir().expect("a temp dir");
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
         let store = Store::connect(&url).await.expect("the store opens");
@@ -1233,44 +1272,78 @@ mod tests {
             })
             .await
             .expect("a deposit");
-        // 20 hours of one vCPU at the default plan: about 1.0 M micro-units,
-        // more than the deposit.
-        store
+        let sandbox = store
             .insert_sandbox(running_row(&org.id, 20))
             .await
             .expect("a sandbox");
-        let policy = BillingPolicy {
-            interval: Duration::from_secs(3600),
-            ..BillingPolicy::default()
+        let context = BillingContext {
+            store: store.clone(),
+            // Ticks come from the test only.
+            policy: BillingPolicy {
+                interval: Duration::from_secs(3600),
+                ..BillingPolicy::default()
+            },
+            hook: Arc::new(LogHook),
+            metrics: Metrics::default(),
+            prefix: "t/".into(),
+            tick_writes: TickWrites::default(),
         };
+        Org {
+            _dir: dir,
+            url,
+            store,
+            id: org.id,
+            sandbox_id: sandbox.id,
+            context,
+        }
+    }
+
+    async fn start_ledger(org: &Org) -> ActorRef<LedgerMsg> {
         let (ledger, _) = Actor::spawn(
             None,
             LedgerActor,
             LedgerArgs {
                 org_id: org.id.clone(),
-                context: BillingContext {
-                    store: store.clone(),
-                    policy,
-                    hook: Arc::new(LogHook),
-                    metrics: Metrics::default(),
-                    prefix: "t/".into(),
-                },
+                context: org.context.clone(),
             },
         )
         .await
         .expect("the ledger starts");
+        ledger
+    }
+
+    /// Another connection holding SQLite's write lock: a tick's write waits
+    /// on it (up to the 5 s busy timeout); reads go on.
+    async fn lock_writes(url: &str) -> SqliteConnection {
+        let mut lock = SqliteConnection::connect(url).await.expect("a connection");
+        sea_orm::sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut lock)
+            .await
+            .expect("the write lock");
+        lock
+    }
+
+    async fn unlock_writes(mut lock: SqliteConnection) {
+        sea_orm::sqlx::query("ROLLBACK")
+            .execute(&mut lock)
+            .await
+            .expect("the lock released");
+    }
+
+    /// A tick's usage entries are written beside the mailbox: while the
+    /// database is locked under the write, creates are still answered (and
+    /// gated as if the debit had landed), and what reads the balance waits
+    /// for the write, then sees it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_are_gated_during_a_tick_write_counting_its_debits() {
+        let org = org_with_a_long_running_sandbox().await;
+        let ledger = start_ledger(&org).await;
         assert!(
             authorize(&ledger).await.is_ok(),
             "affordable before the tick"
         );
 
-        // Another connection holds SQLite's write lock: the tick's write
-        // waits on it (up to the 5 s busy timeout).
-        let mut lock = SqliteConnection::connect(&url).await.expect("a connection");
-        sea_orm::sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut lock)
-            .await
-            .expect("the write lock");
+        let lock = lock_writes(&org.url).await;
         ledger.tell(LedgerMsg::Tick).expect("a tick");
         let refused = authorize(&ledger).await;
         assert!(
@@ -1282,10 +1355,7 @@ mod tests {
         ledger
             .tell(LedgerMsg::Summary(reply.into()))
             .expect("a summary request");
-        sea_orm::sqlx::query("ROLLBACK")
-            .execute(&mut lock)
-            .await
-            .expect("the lock released");
+        unlock_writes(lock).await;
         let summary = tokio::time::timeout(Duration::from_secs(10), summary)
             .await
             .expect("a summary after the write")
@@ -1296,10 +1366,102 @@ mod tests {
             summary.balance_micros
         );
         assert_eq!(
-            store.ledger_balance(&org.id).await.expect("the balance"),
+            org.store
+                .ledger_balance(&org.id)
+                .await
+                .expect("the balance"),
             summary.balance_micros,
             "written once, applied once"
         );
         ledger.stop(None);
+    }
+
+    /// A ledger that dies while its tick's write waits on the database, and
+    /// its successor: the successor reads where metering resumes only after
+    /// that write, so its charges continue from the written period's end:
+    /// no instant charged twice, none left out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_restarted_during_its_tick_write_resumes_after_it() {
+        let org = org_with_a_long_running_sandbox().await;
+        let first = start_ledger(&org).await;
+        let lock = lock_writes(&org.url).await;
+        first.tell(LedgerMsg::Tick).expect("a tick");
+        // The write is under way once the gate counts it.
+        let refused = authorize(&first).await;
+        assert!(matches!(refused, Err(CorralError::PaymentRequired(_))));
+        first.kill();
+        let (successor, _) = Actor::spawn(
+            None,
+            LedgerActor,
+            LedgerArgs {
+                org_id: org.id.clone(),
+                context: org.context.clone(),
+            },
+        )
+        .await
+        .expect("the successor starts");
+        // It answers nothing while the write it must follow is pending (a
+        // bounded wait for something that must not happen: it can only let
+        // a broken build pass, never fail a correct one).
+        let (reply, early) = ractor::concurrency::oneshot();
+        successor
+            .tell(LedgerMsg::Summary(reply.into()))
+            .expect("a summary request");
+        let mut early = Box::pin(early);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut early)
+                .await
+                .is_err(),
+            "the successor read the ledger before its predecessor's write ended"
+        );
+        unlock_writes(lock).await;
+        let after_write = tokio::time::timeout(Duration::from_secs(10), early)
+            .await
+            .expect("a summary once the write ended")
+            .expect("the ledger answers");
+        assert!(after_write.balance_micros < 0, "{after_write:?}");
+        // The sandbox stops: its closing charge is always written, from
+        // where the successor resumed.
+        successor
+            .tell(LedgerMsg::Meter {
+                sandbox_id: org.sandbox_id.clone(),
+                phase: None,
+                resources: Resources {
+                    cpu_millis: 1_000,
+                    memory_mb: 64,
+                },
+                at: Utc::now(),
+            })
+            .expect("a metering change");
+        let balance = match successor
+            .ask(LedgerMsg::Summary, Some(Duration::from_secs(10)))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(summary)) => summary.balance_micros,
+            _ => panic!("no summary within 10 s"),
+        };
+        let mut periods: Vec<_> = org
+            .store
+            .all_usage(&org.id)
+            .await
+            .expect("the usage")
+            .into_iter()
+            .filter_map(|e| e.period_start.zip(e.period_end))
+            .collect();
+        periods.sort();
+        assert_eq!(
+            periods.len(),
+            2,
+            "the tick's and the closing one: {periods:?}"
+        );
+        assert_eq!(periods[0].1, periods[1].0, "contiguous: {periods:?}");
+        assert_eq!(
+            org.store
+                .ledger_balance(&org.id)
+                .await
+                .expect("the balance"),
+            balance
+        );
+        successor.stop(None);
     }
 }

@@ -78,6 +78,7 @@ impl Actor for RootSupervisor {
                     hook: args.billing_hook,
                     metrics: args.metrics.clone(),
                     prefix: args.prefix.clone(),
+                    tick_writes: Default::default(),
                 },
             },
             myself.get_cell(),

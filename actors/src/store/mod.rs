@@ -777,7 +777,6 @@ impl Store {
             .await?)
     }
 
-    /// The org's sandboxes that are not destroyed.
     /// What a ledger meters of each of an org's live sandboxes: a handful
     /// of columns, not the row (a resync reads thousands; decoding the
     /// command, env, labels and placement JSON of each was most of it).
