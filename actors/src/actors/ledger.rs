@@ -1390,16 +1390,7 @@ mod tests {
         let refused = authorize(&first).await;
         assert!(matches!(refused, Err(CorralError::PaymentRequired(_))));
         first.kill();
-        let (successor, _) = Actor::spawn(
-            None,
-            LedgerActor,
-            LedgerArgs {
-                org_id: org.id.clone(),
-                context: org.context.clone(),
-            },
-        )
-        .await
-        .expect("the successor starts");
+        let successor = start_ledger(&org).await;
         // It answers nothing while the write it must follow is pending (a
         // bounded wait for something that must not happen: it can only let
         // a broken build pass, never fail a correct one).
