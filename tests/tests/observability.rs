@@ -434,9 +434,17 @@ async fn metrics_of_control_plane_and_agent_parse_and_move() {
     let cp_url = format!("{}/metrics", stack.base);
     let creates = r#"corral_http_request_duration_seconds_count{route="/v1/sandboxes",method="POST",status="201"}"#;
     let agent_creates = r#"corral_agent_commands_total{command="create",outcome="ok"}"#;
+    // The control plane has the host ready as soon as it registered; the
+    // agent sets its gauge when the acknowledgement reaches it.
+    let agent_before = wait_for("the agent to say it is connected", DEADLINE, || {
+        let url = stack.agent_metrics.clone();
+        async move {
+            let metrics = scrape(&url).await;
+            (metrics.get("corral_agent_connected") == Some(&1.0)).then_some(metrics)
+        }
+    })
+    .await;
     let before = scrape(&cp_url).await;
-    let agent_before = scrape(&stack.agent_metrics).await;
-    assert_eq!(agent_before.get("corral_agent_connected"), Some(&1.0));
 
     let id = id_of(&create_sandbox(&stack.api, small("counted")).await);
     let after = scrape(&cp_url).await;
