@@ -810,33 +810,7 @@ mod tests {
     use super::*;
 
     fn row(host: &str, state: SandboxState) -> sandbox::Model {
-        let now = chrono::Utc::now();
-        sandbox::Model {
-            id: "sbx_1".into(),
-            org_id: "org_1".into(),
-            host_id: Some(host.into()),
-            name: None,
-            image: "busybox".into(),
-            command: serde_json::json!([]),
-            env: serde_json::json!({}),
-            labels: serde_json::json!({}),
-            workdir: None,
-            cpu_millis: 100,
-            memory_mb: 64,
-            ttl_seconds: None,
-            state: state.as_str().into(),
-            desired_state: "running".into(),
-            failure_reason: None,
-            exit_code: None,
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            expires_at: None,
-            restart_policy: "never".into(),
-            placement: None,
-            secret_env: None,
-            security: None,
-        }
+        sandbox::Model::for_test("org_1", host, state)
     }
 
     #[test]

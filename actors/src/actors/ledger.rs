@@ -1195,30 +1195,11 @@ mod tests {
     fn running_row(org_id: &str, hours_ago: i64) -> sandbox::Model {
         let started = Utc::now() - chrono::Duration::hours(hours_ago);
         sandbox::Model {
-            id: crate::domain::new_id("sbx"),
-            org_id: org_id.into(),
-            host_id: Some("hst_1".into()),
-            name: None,
-            image: "busybox".into(),
-            command: serde_json::json!([]),
-            env: serde_json::json!({}),
-            labels: serde_json::json!({}),
-            workdir: None,
             cpu_millis: 1_000,
-            memory_mb: 64,
-            ttl_seconds: None,
-            state: SandboxState::Running.as_str().into(),
-            desired_state: "running".into(),
-            failure_reason: None,
-            exit_code: None,
             created_at: started,
             updated_at: started,
             started_at: Some(started),
-            expires_at: None,
-            restart_policy: "never".into(),
-            placement: None,
-            secret_env: None,
-            security: None,
+            ..sandbox::Model::for_test(org_id, "hst_1", SandboxState::Running)
         }
     }
 

@@ -168,6 +168,45 @@ pub mod sandbox {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    #[cfg(test)]
+    impl Model {
+        /// A sandbox row for unit tests: 100 mCPU, 64 MiB, no TTL, changed
+        /// now; tests set what they care about on top.
+        pub(crate) fn for_test(
+            org_id: &str,
+            host_id: &str,
+            state: crate::domain::SandboxState,
+        ) -> Self {
+            let now = chrono::Utc::now();
+            Self {
+                id: crate::domain::new_id("sbx"),
+                org_id: org_id.into(),
+                host_id: Some(host_id.into()),
+                name: None,
+                image: "busybox".into(),
+                command: serde_json::json!([]),
+                env: serde_json::json!({}),
+                labels: serde_json::json!({}),
+                workdir: None,
+                cpu_millis: 100,
+                memory_mb: 64,
+                ttl_seconds: None,
+                state: state.as_str().into(),
+                desired_state: "running".into(),
+                failure_reason: None,
+                exit_code: None,
+                created_at: now,
+                updated_at: now,
+                started_at: None,
+                expires_at: None,
+                restart_policy: "never".into(),
+                placement: None,
+                secret_env: None,
+                security: None,
+            }
+        }
+    }
 }
 
 pub mod ledger_entry {
