@@ -13,7 +13,7 @@ use corral_actors::domain::{new_id, SandboxState};
 use corral_actors::store::{sandbox, NewLedgerEntry, SandboxFilter, Store};
 use corral_actors::CorralError;
 use corral_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::json;
 
 async fn sqlite_store() -> (Store, tempfile::TempDir) {
@@ -35,20 +35,10 @@ async fn postgres_store() -> Option<Store> {
         eprintln!("SKIPPED: CORRAL_TEST_POSTGRES_URL is not set; PostgreSQL store tests not run");
         return None;
     };
-    let name = format!("corral_{}", &new_id("t")[2..]);
-    let admin = Database::connect(base.as_str())
+    let url = corral_tests::fresh_postgres_database(&base)
         .await
-        .expect("connect to postgres");
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create test database");
-    let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
-    Some(
-        Store::connect(&format!("{prefix}/{name}"))
-            .await
-            .expect("postgres store"),
-    )
+        .expect("a fresh test database");
+    Some(Store::connect(&url).await.expect("postgres store"))
 }
 
 fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
@@ -282,10 +272,9 @@ async fn ledger_is_idempotent(store: &Store) {
         .collect();
     batch.insert(600, entry("k1", -7));
     batch.push(entry("tick-5", -1));
-    let inserted = store
-        .append_ledger_entries(batch)
-        .await
-        .expect("append a batch");
+    let appended = store.append_ledger_entries(batch).await;
+    assert_eq!(appended.failed, None);
+    let inserted = appended.inserted;
     assert_eq!(inserted.len(), 1_205);
     assert_eq!(inserted.iter().filter(|new| **new).count(), 1_203);
     assert!(!inserted[600], "k1 was written before");
@@ -302,9 +291,10 @@ async fn ledger_is_idempotent(store: &Store) {
                 .map(|i| entry(&format!("tick-{i}"), -1))
                 .collect(),
         )
-        .await
-        .expect("append the batch again");
-    assert!(again.iter().all(|new| !new));
+        .await;
+    assert_eq!(again.failed, None);
+    assert_eq!(again.inserted.len(), 1_203);
+    assert!(again.inserted.iter().all(|new| !new));
 }
 
 async fn full_suite(store: &Store) {
@@ -360,4 +350,107 @@ async fn sqlite_runs_in_wal_mode() {
         assert_eq!(level, 1, "synchronous=NORMAL on every connection");
         open.push(txn);
     }
+}
+
+/// SQLite's own checkpoint is off (a commit that crossed its threshold
+/// synced the database file inside a request); the store's background task
+/// must move committed pages into the database file while it runs, or the
+/// WAL grows for as long as the process lives. The database file alone (a
+/// copy without the WAL) shows what was checkpointed.
+#[tokio::test]
+async fn sqlite_commits_reach_the_database_file_while_the_store_runs() {
+    let (store, dir) = sqlite_store().await;
+    let org = store.create_org("checkpointed").await.expect("org");
+    let copies = tempfile::tempdir().expect("temp dir");
+    let mut attempt = 0;
+    corral_tests::wait_for(
+        "the org's row in the database file",
+        std::time::Duration::from_secs(10),
+        || {
+            attempt += 1;
+            let copy = copies.path().join(format!("copy-{attempt}.db"));
+            let copied = std::fs::copy(dir.path().join("corral.db"), &copy);
+            let org_id = org.id.clone();
+            async move {
+                copied.ok()?;
+                // A copy taken mid-checkpoint may be torn: not yet.
+                let db = sea_orm::Database::connect(format!("sqlite://{}", copy.display()))
+                    .await
+                    .ok()?;
+                let row = db
+                    .query_one(sea_orm::Statement::from_sql_and_values(
+                        sea_orm::DbBackend::Sqlite,
+                        "SELECT COUNT(*) FROM orgs WHERE id = ?",
+                        [org_id.into()],
+                    ))
+                    .await
+                    .ok()??;
+                let found: i64 = row.try_get_by_index(0).ok()?;
+                let _ = db.close().await;
+                (found == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    // The store still runs: nothing closed its connections meanwhile.
+    store.ping().await.expect("the store is still up");
+}
+
+/// A tick's entries go in several transactions; when one fails, the answer
+/// says exactly which entries were committed (the ledger applies those and
+/// charges the rest again under the same keys), and nothing past the failed
+/// transaction was written. A trigger refuses one key, as a database that
+/// fails mid-write would.
+#[tokio::test]
+async fn a_failed_transaction_leaves_the_committed_part() {
+    let (store, _dir) = sqlite_store().await;
+    let org = store.create_org("partial").await.expect("org");
+    store
+        .connection()
+        .execute_unprepared(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON ledger_entries \
+             WHEN NEW.idempotency_key = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .await
+        .expect("trigger");
+    let per = Store::ENTRIES_PER_TRANSACTION;
+    let entry = |key: String| NewLedgerEntry {
+        org_id: org.id.clone(),
+        kind: "usage".into(),
+        amount_micros: -1,
+        idempotency_key: key,
+        sandbox_id: None,
+        description: String::new(),
+        period_start: None,
+        period_end: None,
+        carry: None,
+    };
+    // Three transactions' worth; the poison is in the second.
+    let mut batch: Vec<NewLedgerEntry> = (0..3 * per).map(|i| entry(format!("e-{i}"))).collect();
+    batch[per + 7] = entry("poison".into());
+    let appended = store.append_ledger_entries(batch).await;
+    assert!(appended.failed.is_some(), "the second transaction failed");
+    assert_eq!(appended.inserted.len(), per, "only the first was committed");
+    assert!(appended.inserted.iter().all(|new| *new));
+    assert_eq!(
+        store.ledger_balance(&org.id).await.expect("balance"),
+        -(per as i64),
+        "nothing of the failed or later transactions was written"
+    );
+
+    // The rest again (as the next tick would), without the poison: the
+    // committed part is skipped, the rest written once.
+    let retry: Vec<NewLedgerEntry> = (0..3 * per).map(|i| entry(format!("e-{i}"))).collect();
+    let appended = store.append_ledger_entries(retry).await;
+    assert_eq!(appended.failed, None);
+    assert_eq!(appended.inserted.len(), 3 * per);
+    assert_eq!(
+        appended.inserted.iter().filter(|new| **new).count(),
+        2 * per
+    );
+    assert_eq!(
+        store.ledger_balance(&org.id).await.expect("balance"),
+        -(3 * per as i64)
+    );
 }

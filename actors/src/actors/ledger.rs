@@ -34,7 +34,7 @@ use crate::domain::{BillingStatus, DesiredState, Resources, SandboxState};
 use crate::error::CorralError;
 use crate::mailbox::{self, Tell};
 use crate::metrics::Metrics;
-use crate::store::{org, price_plan, MeteredSandbox, NewLedgerEntry, Store};
+use crate::store::{org, price_plan, Appended, MeteredSandbox, NewLedgerEntry, Store};
 
 /// A change of an org's billing status, as recorded and handed to hooks.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -190,11 +190,11 @@ pub enum LedgerMsg {
         reply: RpcReplyPort<Result<LedgerSummary, CorralError>>,
     },
     Audit(RpcReplyPort<Result<LedgerAudit, CorralError>>),
-    /// A tick's usage entries were written (`Ok`: which were new) or not.
+    /// A tick's usage entries were written, all or a first part of them.
     Charged {
         due: Vec<UsageCharge>,
         free: Vec<UsageCharge>,
-        inserted: Result<Vec<bool>, CorralError>,
+        written: Appended,
     },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
@@ -214,16 +214,128 @@ pub struct LedgerState {
     plan: Plan,
     balance_micros: i64,
     meters: HashMap<String, Meter>,
-    /// Live sandboxes (holding credit and quota), from their rows.
-    live: HashMap<String, Resources>,
-    /// Authorized creates whose row may not exist yet.
-    pending: HashMap<String, (Resources, Instant)>,
+    /// What holds credit and quota.
+    reservations: Reservations,
     ticks: u64,
     /// The debits of a tick being written, if one is. Creates are gated
     /// meanwhile as if they were already charged; everything that reads or
     /// moves the meters or the balance waits in `deferred`.
     writing: Option<i64>,
     deferred: std::collections::VecDeque<LedgerMsg>,
+}
+
+/// The sandboxes holding an org's credit and quota: live ones (from their
+/// rows) and authorized creates whose row may not exist yet, with their
+/// totals kept as they change. The quota check and the credit gate run on
+/// every create; summing every reservation there made a big org's creates
+/// cost O(running sandboxes) each (40,000 running: most of the ledger's
+/// time, and the creates queued behind it).
+#[derive(Debug, Default)]
+struct Reservations {
+    /// Each live sandbox's resources and the credit it holds.
+    live: HashMap<String, (Resources, i64)>,
+    /// Each authorized create's resources, held credit and authorization.
+    pending: HashMap<String, (Resources, i64, Instant)>,
+    /// The sums over both maps (an id in both counts twice, as it holds
+    /// twice until its reservation moves to its row).
+    count: u64,
+    cpu_millis: u128,
+    memory_mb: u128,
+    held_micros: i128,
+}
+
+impl Reservations {
+    fn add(&mut self, r: Resources, held: i64) {
+        self.count += 1;
+        self.cpu_millis += u128::from(r.cpu_millis);
+        self.memory_mb += u128::from(r.memory_mb);
+        self.held_micros += i128::from(held);
+    }
+
+    fn sub(&mut self, r: Resources, held: i64) {
+        self.count -= 1;
+        self.cpu_millis -= u128::from(r.cpu_millis);
+        self.memory_mb -= u128::from(r.memory_mb);
+        self.held_micros -= i128::from(held);
+    }
+
+    fn insert_live(&mut self, id: String, r: Resources, held: i64) {
+        self.add(r, held);
+        if let Some((old, old_held)) = self.live.insert(id, (r, held)) {
+            self.sub(old, old_held);
+        }
+    }
+
+    fn remove_live(&mut self, id: &str) {
+        if let Some((r, held)) = self.live.remove(id) {
+            self.sub(r, held);
+        }
+    }
+
+    fn clear_live(&mut self) {
+        for (_, (r, held)) in std::mem::take(&mut self.live) {
+            self.sub(r, held);
+        }
+    }
+
+    fn insert_pending(&mut self, id: String, r: Resources, held: i64) {
+        self.add(r, held);
+        if let Some((old, old_held, _)) = self.pending.insert(id, (r, held, Instant::now())) {
+            self.sub(old, old_held);
+        }
+    }
+
+    fn remove_pending(&mut self, id: &str) {
+        if let Some((r, held, _)) = self.pending.remove(id) {
+            self.sub(r, held);
+        }
+    }
+
+    /// Drops authorizations older than `ttl` whose row never came.
+    fn expire_pending(&mut self, ttl: Duration) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, _, at))| now.duration_since(*at) >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.remove_pending(&id);
+        }
+    }
+
+    /// The sandbox holds nothing any more.
+    fn remove(&mut self, id: &str) {
+        self.remove_live(id);
+        self.remove_pending(id);
+    }
+
+    /// Every hold again, at `hold`'s prices (the plan changed).
+    fn reprice(&mut self, hold: impl Fn(Resources) -> i64) {
+        self.held_micros = 0;
+        for (r, held) in self.live.values_mut() {
+            *held = hold(*r);
+            self.held_micros += i128::from(*held);
+        }
+        for (r, held, _) in self.pending.values_mut() {
+            *held = hold(*r);
+            self.held_micros += i128::from(*held);
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        Usage {
+            sandboxes: self.count,
+            cpu_millis: clamp(self.cpu_millis),
+            memory_mb: clamp(self.memory_mb),
+        }
+    }
+
+    fn held_micros(&self) -> i64 {
+        i64::try_from(self.held_micros.max(0)).unwrap_or(i64::MAX)
+    }
 }
 
 /// The rows are re-read every this many ticks (metering itself follows the
@@ -279,24 +391,17 @@ impl LedgerState {
         BillingStatus::parse(&self.org.billing_status).unwrap_or(BillingStatus::Active)
     }
 
-    fn reservations(&self) -> impl Iterator<Item = &Resources> {
-        self.live
-            .values()
-            .chain(self.pending.values().map(|(r, _)| r))
+    /// The credit `r` holds while it runs.
+    fn hold_of(&self, r: Resources) -> i64 {
+        self.plan.hold(r, self.ctx.policy.hold_window)
     }
 
     fn held_micros(&self) -> i64 {
-        self.reservations()
-            .map(|r| self.plan.hold(*r, self.ctx.policy.hold_window))
-            .fold(0i64, i64::saturating_add)
+        self.reservations.held_micros()
     }
 
     fn usage(&self) -> Usage {
-        self.reservations().fold(Usage::default(), |u, r| Usage {
-            sandboxes: u.sandboxes + 1,
-            cpu_millis: u.cpu_millis.saturating_add(r.cpu_millis),
-            memory_mb: u.memory_mb.saturating_add(r.memory_mb),
-        })
+        self.reservations.usage()
     }
 
     fn summary(&self) -> LedgerSummary {
@@ -377,8 +482,7 @@ impl Actor for LedgerActor {
             // Read in `post_start`, after any write still in flight.
             balance_micros: 0,
             meters: HashMap::new(),
-            live: HashMap::new(),
-            pending: HashMap::new(),
+            reservations: Reservations::default(),
             ticks: 0,
             writing: None,
             deferred: Default::default(),
@@ -485,8 +589,8 @@ impl LedgerActor {
                     .map(|()| ttl_seconds.or(quota.max_ttl_seconds));
                 if result.is_ok() {
                     state
-                        .pending
-                        .insert(sandbox_id, (resources, Instant::now()));
+                        .reservations
+                        .insert_pending(sandbox_id, resources, hold);
                 }
                 let _ = reply.send(result);
             }
@@ -494,7 +598,7 @@ impl LedgerActor {
                 let _ = reply.send(state.gate(0));
             }
             LedgerMsg::Release { sandbox_id } => {
-                state.pending.remove(&sandbox_id);
+                state.reservations.remove_pending(&sandbox_id);
             }
             LedgerMsg::Meter {
                 sandbox_id,
@@ -519,18 +623,12 @@ impl LedgerActor {
                     evaluate(state, "metering").await;
                 }
             }
-            LedgerMsg::Charged {
-                due,
-                free,
-                inserted,
-            } => {
+            LedgerMsg::Charged { due, free, written } => {
                 state.writing = None;
-                match inserted {
-                    Ok(inserted) => apply_charges(state, &due, inserted, &free),
-                    Err(err) => {
-                        tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; it is charged on the next tick");
-                    }
+                if let Some(err) = &written.failed {
+                    tracing::warn!(org.id = %state.org.id, error = %err, unwritten = due.len() - written.inserted.len(), "could not persist usage; the rest is charged on the next tick");
                 }
+                apply_charges(state, &due, written.inserted, &free);
                 evaluate(state, "metering").await;
             }
             LedgerMsg::Configure { settings, reply } => {
@@ -612,11 +710,8 @@ async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
 
 async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
-    let now = Instant::now();
-    state
-        .pending
-        .retain(|_, (_, at)| now.duration_since(*at) < PENDING_TTL);
-    state.live.clear();
+    state.reservations.expire_pending(PENDING_TTL);
+    state.reservations.clear_live();
     // Where each sandbox that needs a new meter resumes, in a few queries
     // rather than one per sandbox (a restart meters them all at once).
     let unmetered: Vec<String> = rows
@@ -633,14 +728,18 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let mut seen = std::collections::HashSet::new();
     for row in &rows {
         // Its row exists: the reservation now follows the row.
-        state.pending.remove(&row.id);
+        state.reservations.remove_pending(&row.id);
         let Some(sandbox_state) = SandboxState::parse(&row.state) else {
             continue;
         };
         if !sandbox_state.holds_capacity() {
             continue;
         }
-        state.live.insert(row.id.clone(), resources_of(row));
+        let resources = resources_of(row);
+        let held = state.hold_of(resources);
+        state
+            .reservations
+            .insert_live(row.id.clone(), resources, held);
         let Some(phase) = metered_phase(sandbox_state) else {
             continue;
         };
@@ -751,13 +850,15 @@ async fn meter_changed(
             }
             None => {
                 state.meters.remove(sandbox_id);
-                state.live.remove(sandbox_id);
-                state.pending.remove(sandbox_id);
+                state.reservations.remove(sandbox_id);
             }
         }
     } else if let Some(phase) = phase {
-        state.pending.remove(sandbox_id);
-        state.live.insert(sandbox_id.to_string(), resources);
+        state.reservations.remove_pending(sandbox_id);
+        let held = state.hold_of(resources);
+        state
+            .reservations
+            .insert_live(sandbox_id.to_string(), resources, held);
         state.meters.insert(
             sandbox_id.to_string(),
             Meter {
@@ -770,12 +871,10 @@ async fn meter_changed(
             },
         );
     } else {
-        state.live.remove(sandbox_id);
-        state.pending.remove(sandbox_id);
+        state.reservations.remove(sandbox_id);
     }
 }
 
-/// Charges every meter up to `until`, in one transaction.
 /// Charges every meter up to `until`. The entries are written by a task
 /// of their own (thousands of rows for a big org: long enough to stall
 /// every create behind this mailbox); the charges apply when it reports
@@ -800,14 +899,13 @@ fn charge_meters(
     state.writing = Some(due.iter().map(|c| c.micros).fold(0i64, i64::saturating_add));
     let store = state.ctx.store.clone();
     let myself = myself.clone();
+    let org_id = state.org.id.clone();
     tokio::spawn(async move {
-        let inserted = store.append_ledger_entries(entries).await;
+        let (count, started) = (entries.len(), std::time::Instant::now());
+        let written = store.append_ledger_entries(entries).await;
         drop(held);
-        let _ = myself.tell(LedgerMsg::Charged {
-            due,
-            free,
-            inserted,
-        });
+        tracing::debug!(org.id = %org_id, entries = count, elapsed_ms = started.elapsed().as_millis() as u64, "usage written");
+        let _ = myself.tell(LedgerMsg::Charged { due, free, written });
     });
     true
 }
@@ -862,20 +960,24 @@ async fn persist_charges(
     closes_phase: bool,
 ) -> Result<(), CorralError> {
     let (due, free) = split_charges(charges, closes_phase);
-    let inserted = match state
+    let written = state
         .ctx
         .store
         .append_ledger_entries(entries_of(state, &due))
-        .await
-    {
-        Ok(inserted) => inserted,
-        Err(err) => {
-            tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; it is charged on the next tick");
-            return Err(err);
+        .await;
+    match written.failed {
+        // What was committed is applied; the rest is charged on the next
+        // tick (under the same keys, so nothing twice).
+        Some(err) => {
+            tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; the rest is charged on the next tick");
+            apply_charges(state, &due, written.inserted, &[]);
+            Err(err)
         }
-    };
-    apply_charges(state, &due, inserted, &free);
-    Ok(())
+        None => {
+            apply_charges(state, &due, written.inserted, &free);
+            Ok(())
+        }
+    }
 }
 
 /// Applies persisted charges (the balance moves for those that were new:
@@ -1015,6 +1117,8 @@ async fn configure(state: &mut LedgerState, settings: BillingSettings) -> Result
     }
     state.org = state.ctx.store.save_org(org).await?;
     state.plan = plan;
+    let (plan, window) = (&state.plan, state.ctx.policy.hold_window);
+    state.reservations.reprice(|r| plan.hold(r, window));
     Ok(())
 }
 
@@ -1191,6 +1295,64 @@ mod tests {
     use sea_orm::sqlx::{Connection, SqliteConnection};
 
     const DEPOSIT: i64 = 600_000;
+
+    /// The running totals equal a sum over the reservations after every
+    /// kind of change, including an id both pending and live, replaced
+    /// entries, expiry and a plan change.
+    #[test]
+    fn reservation_totals_follow_every_change() {
+        fn recount(r: &Reservations) -> (u64, u128, u128, i128) {
+            let live = r.live.values().map(|(res, held)| (*res, *held));
+            let pending = r.pending.values().map(|(res, held, _)| (*res, *held));
+            live.chain(pending)
+                .fold((0, 0, 0, 0), |(n, c, m, h), (res, held)| {
+                    (
+                        n + 1,
+                        c + u128::from(res.cpu_millis),
+                        m + u128::from(res.memory_mb),
+                        h + i128::from(held),
+                    )
+                })
+        }
+        fn check(r: &Reservations) {
+            assert_eq!(
+                (r.count, r.cpu_millis, r.memory_mb, r.held_micros),
+                recount(r)
+            );
+            assert_eq!(r.usage().sandboxes, r.count);
+        }
+        let res = |cpu, mem| Resources {
+            cpu_millis: cpu,
+            memory_mb: mem,
+        };
+        let mut r = Reservations::default();
+        r.insert_pending("a".into(), res(100, 64), 10);
+        r.insert_pending("b".into(), res(200, 128), 20);
+        check(&r);
+        assert_eq!((r.usage().cpu_millis, r.held_micros()), (300, 30));
+        // "a" gets its row: both, until the pending one is removed.
+        r.insert_live("a".into(), res(100, 64), 10);
+        check(&r);
+        assert_eq!(r.usage().sandboxes, 3);
+        r.remove_pending("a");
+        r.insert_live("a".into(), res(400, 64), 40);
+        check(&r);
+        assert_eq!((r.usage().cpu_millis, r.held_micros()), (600, 60));
+        r.remove("b");
+        r.remove("missing");
+        check(&r);
+        assert_eq!(r.usage().sandboxes, 1);
+        r.insert_pending("c".into(), res(1, 1), 1);
+        r.expire_pending(Duration::ZERO);
+        check(&r);
+        assert!(r.pending.is_empty());
+        r.reprice(|res| i64::try_from(res.cpu_millis).unwrap_or(0) * 2);
+        check(&r);
+        assert_eq!(r.held_micros(), 800);
+        r.clear_live();
+        check(&r);
+        assert_eq!((r.usage(), r.held_micros()), (Usage::default(), 0));
+    }
 
     fn running_row(org_id: &str, hours_ago: i64) -> sandbox::Model {
         let started = Utc::now() - chrono::Duration::hours(hours_ago);

@@ -55,7 +55,7 @@ impl Store {
                     .add(api_key::Column::LastUsedAt.is_null())
                     .add(api_key::Column::LastUsedAt.lt(stale_before)),
             )
-            .exec(self.connection())
+            .exec(&self.writer)
             .await?;
         Ok(())
     }
@@ -74,7 +74,7 @@ impl Store {
             created_at: Set(Utc::now()),
             ..Default::default()
         }
-        .insert(self.connection())
+        .insert(&self.writer)
         .await?;
         Ok(())
     }
