@@ -41,6 +41,8 @@ pub async fn run_with(quick: bool, sandboxes: usize, hosts: usize) -> Report {
 }
 
 async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Result<Report> {
+    // The baseline first, while this process is quiet.
+    let floor = bare_actor_bytes(count).await?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("cp");
     let tokens = seed_host_tokens(&data, hosts).await?;
@@ -115,6 +117,14 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
     report.figure("cp_rss_before", rss0 as f64 / 1048576.0, "MiB");
     report.figure("cp_rss_after", rss1 as f64 / 1048576.0, "MiB");
     report.figure("cp_bytes_per_sandbox", per, "B");
+    report.figure("bare_actor_bytes", floor, "B");
+    report.figure("per_sandbox_vs_bare_actor", per / floor.max(1.0), "x");
+    if floor > TARGET_BYTES_PER_SANDBOX {
+        report.note(format!(
+            "one bare ractor actor costs {floor:.0} B here, more than the target per sandbox: \
+             the target needs idle sandboxes that are not resident actors"
+        ));
+    }
     let l = report.latencies("list_first_page", &list);
     let ld = report.latencies("list_page_after_mid", &list_deep);
     let g = report.latencies("get", &get);
@@ -131,6 +141,49 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
     drop(agents);
     server.kill_hard().await;
     Ok(report)
+}
+
+/// The baseline: resident memory per bare ractor actor (a `u64` for state,
+/// linked to a supervisor as every sandbox actor is), `count` of them spawned
+/// in this process with the same allocator and ractor as the control plane.
+/// No sandbox actor can cost less; what a sandbox costs above it is its own.
+pub async fn bare_actor_bytes(count: usize) -> anyhow::Result<f64> {
+    use ractor::{Actor, ActorProcessingErr, ActorRef};
+    struct Bare;
+    impl Actor for Bare {
+        type Msg = u64;
+        type State = u64;
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<u64>, _: ()) -> Result<u64, ActorProcessingErr> {
+            Ok(0)
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<u64>,
+            msg: u64,
+            state: &mut u64,
+        ) -> Result<(), ActorProcessingErr> {
+            *state += msg;
+            Ok(())
+        }
+    }
+    let pid = std::process::id();
+    let (supervisor, supervisor_done) = Actor::spawn(None, Bare, ()).await?;
+    let before = rss_bytes(pid).unwrap_or(0);
+    let mut actors = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (actor, _) = Actor::spawn_linked(None, Bare, (), supervisor.get_cell()).await?;
+        actors.push(actor);
+    }
+    // `spawn_linked` answered after each start: all wait on their mailboxes.
+    let after = rss_bytes(pid).unwrap_or(0);
+    drop(actors);
+    supervisor
+        .stop_children_and_wait(None, Some(Duration::from_secs(60)))
+        .await;
+    supervisor.stop(None);
+    let _ = supervisor_done.await;
+    Ok(after.saturating_sub(before) as f64 / count.max(1) as f64)
 }
 
 /// Creates `count` sandboxes, `concurrency` at a time; the ids created.

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_agent::fake::FakeConfig;
+use corral_agent::AgentConfig;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::sync::Mutex;
 
 use super::{Params, Percentiles, Report};
-use crate::{Api, TestServer};
+use crate::{Api, InProcessAgent, TestServer};
 
 pub const TARGET_RATE: f64 = 5_000.0;
 pub const TARGET_HALF_RATE_P99_MS: f64 = 100.0;
@@ -54,11 +55,24 @@ pub async fn run_with(quick: bool, shape: &Shape) -> Report {
         .ok()
         .filter(|u| !u.is_empty());
     match postgres {
-        Some(url) => {
-            // Measured whatever SQLite gave (`&&` would skip it on a miss).
-            let postgres = measure(&mut report, "postgres", Some(url), shape).await;
-            pass = pass && postgres;
-        }
+        Some(base) => match crate::fresh_postgres_database(&base).await {
+            Ok(url) => {
+                // A database of this run's own: the rows earlier runs left
+                // (live sandboxes of hosts that never return, their ledgers)
+                // would otherwise be reconciled and billed while this run
+                // measures, which is the recovery scenario, not this one.
+                // Measured whatever SQLite gave (`&&` would skip it on a miss).
+                let postgres = measure(&mut report, "postgres", Some(url.clone()), shape).await;
+                pass = pass && postgres;
+                if let Err(err) = crate::drop_postgres_database(&base, &url).await {
+                    report.note(format!("the run's database was not dropped: {err}"));
+                }
+            }
+            Err(err) => {
+                report.note(format!("PostgreSQL not measured: {err}"));
+                pass = false;
+            }
+        },
         None => report.note(
             "PostgreSQL not measured: set CORRAL_TEST_POSTGRES_URL (scripts/bench starts a cluster when PostgreSQL is installed)",
         ),
@@ -83,11 +97,24 @@ async fn measure(report: &mut Report, backend: &str, url: Option<String>, shape:
         .await;
     let mut agents = Vec::new();
     for _ in 0..shape.agents {
-        agents.push(
-            server
-                .fake_agent(4_000_000, 1 << 30, FakeConfig::default())
-                .await,
-        );
+        let (host_id, token) = server.host_token("bench").await;
+        // As a deployed agent runs (the tests' agents poll their runtime
+        // five times as often): each poll lists every sandbox of the host,
+        // and at 400 sandboxes an agent the simulated fleet's polls were
+        // most of this process's CPU, not the control plane.
+        let config = AgentConfig {
+            control_plane_url: server.server.grpc_url(),
+            token,
+            cpu_millis: 4_000_000,
+            memory_mb: 1 << 30,
+            ..AgentConfig::default()
+        };
+        agents.push(InProcessAgent::start_config(
+            &host_id,
+            config,
+            FakeConfig::default(),
+        ));
+        server.wait_host_ready(&host_id).await;
     }
 
     // Warm-up: connections, caches, the org's ledger actor.
