@@ -537,39 +537,41 @@ pub fn required() -> bool {
 /// an empty schema whatever earlier runs left on the server. Answers the new
 /// database's URL; [`drop_postgres_database`] removes it.
 pub async fn fresh_postgres_database(base: &str) -> Result<String, String> {
-    use sea_orm::ConnectionTrait;
     let (prefix, _) = base
         .rsplit_once('/')
         .ok_or_else(|| format!("{base}: no database in the URL"))?;
     // Lower case: PostgreSQL folds unquoted names.
     let name = format!("corral_{}", &corral_actors::domain::new_id("t")[2..]).to_lowercase();
-    let admin = sea_orm::Database::connect(base)
-        .await
-        .map_err(|e| format!("connect to {base}: {e}"))?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .map_err(|e| format!("create database {name}: {e}"))?;
-    let _ = admin.close().await;
+    administer(base, &format!("CREATE DATABASE {name}")).await?;
     Ok(format!("{prefix}/{name}"))
 }
 
 /// Drops a database [`fresh_postgres_database`] made, closing whatever
 /// connections to it are still open.
 pub async fn drop_postgres_database(base: &str, url: &str) -> Result<(), String> {
-    use sea_orm::ConnectionTrait;
     let (_, name) = url
         .rsplit_once('/')
         .ok_or_else(|| format!("{url}: no database in the URL"))?;
+    administer(
+        base,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await
+}
+
+/// Runs one statement on the server `base` names, on a connection of its own.
+async fn administer(base: &str, sql: &str) -> Result<(), String> {
+    use sea_orm::ConnectionTrait;
     let admin = sea_orm::Database::connect(base)
         .await
         .map_err(|e| format!("connect to {base}: {e}"))?;
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    let done = admin
+        .execute_unprepared(sql)
         .await
-        .map_err(|e| format!("drop database {name}: {e}"))?;
+        .map(|_| ())
+        .map_err(|e| format!("{sql}: {e}"));
     let _ = admin.close().await;
-    Ok(())
+    done
 }
 
 /// A PostgreSQL cluster of a test's own, which the test can stop and start
