@@ -8,8 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
-use corral_actors::domain::{new_id, SandboxState};
+use corral_actors::domain::SandboxState;
 use corral_actors::store::{sandbox, NewLedgerEntry, SandboxFilter, Store};
 use corral_actors::CorralError;
 use corral_migrations::{Migrator, MigratorTrait};
@@ -42,32 +41,14 @@ async fn postgres_store() -> Option<Store> {
 }
 
 fn sandbox_row(org_id: &str, labels: serde_json::Value) -> sandbox::Model {
-    let now = Utc::now();
     sandbox::Model {
-        id: new_id("sbx"),
-        org_id: org_id.to_string(),
-        host_id: Some("hst_x".into()),
         name: Some("web".into()),
-        image: "busybox".into(),
         command: json!(["sleep", "10"]),
         env: json!({"A": "1"}),
         labels,
-        workdir: None,
         cpu_millis: 500,
-        memory_mb: 64,
         ttl_seconds: Some(60),
-        state: SandboxState::Scheduled.as_str().into(),
-        desired_state: "running".into(),
-        failure_reason: None,
-        exit_code: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        expires_at: None,
-        restart_policy: "never".into(),
-        placement: None,
-        secret_env: None,
-        security: None,
+        ..sandbox::Model::for_test(org_id, "hst_x", SandboxState::Scheduled)
     }
 }
 

@@ -169,15 +169,11 @@ pub mod sandbox {
 
     impl ActiveModelBehavior for ActiveModel {}
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     impl Model {
-        /// A sandbox row for unit tests: 100 mCPU, 64 MiB, no TTL, changed
-        /// now; tests set what they care about on top.
-        pub(crate) fn for_test(
-            org_id: &str,
-            host_id: &str,
-            state: crate::domain::SandboxState,
-        ) -> Self {
+        /// A sandbox row for tests and benchmark seeds: 100 mCPU, 64 MiB, no
+        /// TTL, changed now; callers set what they care about on top.
+        pub fn for_test(org_id: &str, host_id: &str, state: crate::domain::SandboxState) -> Self {
             let now = chrono::Utc::now();
             Self {
                 id: crate::domain::new_id("sbx"),

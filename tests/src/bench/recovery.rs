@@ -78,29 +78,13 @@ async fn seed(
             per_host[host].push(id.clone());
             sandbox::Model {
                 id,
-                org_id: org.id.clone(),
-                host_id: Some(tokens[host].0.clone()),
-                name: None,
-                image: "busybox".into(),
                 command: serde_json::json!(["sleep", "3600"]),
-                env: serde_json::json!({}),
-                labels: serde_json::json!({}),
-                workdir: None,
                 cpu_millis: 10,
                 memory_mb: 16,
-                ttl_seconds: None,
-                state: SandboxState::Running.as_str().into(),
-                desired_state: "running".into(),
-                failure_reason: None,
-                exit_code: None,
+                started_at: Some(now),
                 created_at: now,
                 updated_at: now,
-                started_at: Some(now),
-                expires_at: None,
-                restart_policy: "never".into(),
-                placement: None,
-                secret_env: None,
-                security: None,
+                ..sandbox::Model::for_test(&org.id, &tokens[host].0, SandboxState::Running)
             }
         })
         .collect();
