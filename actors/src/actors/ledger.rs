@@ -698,9 +698,6 @@ async fn credit(
     Ok(())
 }
 
-/// Re-reads the org's live sandboxes: reservations follow the rows, and
-/// meters start, change phase or end as the rows say (for changes whose
-/// message never arrived).
 /// A starting ledger's balance and meters, read after any write of its
 /// predecessor (see [`TickWrites`]).
 async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
@@ -708,6 +705,9 @@ async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
     resync(state).await
 }
 
+/// Re-reads the org's live sandboxes: reservations follow the rows, and
+/// meters start, change phase or end as the rows say (for changes whose
+/// message never arrived).
 async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
     state.reservations.expire_pending(PENDING_TTL);

@@ -220,8 +220,8 @@ impl Store {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .max_connections(max_connections);
         if url.starts_with("sqlite:") {
-            // One writer at a time is SQLite's nature; a small pool keeps
-            // readers concurrent (WAL) without piling up busy writers.
+            // Readers run concurrently in WAL mode; writers have their
+            // own one-connection pool (`Store::writer`).
             options
                 .min_connections(1)
                 // Per-connection settings go on every pooled connection, not
@@ -731,7 +731,6 @@ impl Store {
         use sea_orm::sea_query::OnConflict;
         use sea_orm::{QueryTrait, TransactionTrait};
         let mut appended = Appended::default();
-        let mut added = std::collections::HashSet::new();
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
             let chunk: Vec<NewLedgerEntry> = entries
@@ -739,8 +738,7 @@ impl Store {
                 .take(Self::ENTRIES_PER_TRANSACTION)
                 .collect();
             let keys: Vec<String> = chunk.iter().map(|e| e.idempotency_key.clone()).collect();
-            // Only the keys come back: decoding whole rows (dates and all)
-            // cost more than inserting them.
+            // Only the keys of the new rows come back: all that is needed.
             let mut insert = ledger_entry::Entity::insert_many(
                 chunk.into_iter().map(NewLedgerEntry::into_active),
             )
@@ -761,14 +759,15 @@ impl Store {
                     .collect::<std::result::Result<Vec<_>, _>>()
             }
             .await;
-            match written {
-                Ok(keys) => added.extend(keys),
+            let mut added: std::collections::HashSet<String> = match written {
+                Ok(added) => added.into_iter().collect(),
                 Err(err) => {
                     appended.failed = Some(err.into());
                     break;
                 }
-            }
-            // `remove`: a key given twice was inserted once, for its first.
+            };
+            // `remove`: a key given twice was inserted once, for its first
+            // (given again in a later transaction, it conflicts there).
             appended
                 .inserted
                 .extend(keys.iter().map(|key| added.remove(key)));
