@@ -41,8 +41,8 @@ pub struct Store {
     /// and a writer that finds it taken sleeps in its busy handler (1, 2, 5,
     /// 10 ... 100 ms) and may lose it again on waking; queued here instead,
     /// writers take turns in arrival order without sleeping (CPU per create
-    /// 1.8 -> 1.35 ms in the throughput benchmark), and the checkpoint takes
-    /// its turn like any writer. On PostgreSQL, `db` again.
+    /// 1.8 -> 1.35 ms in the throughput benchmark). On PostgreSQL, `db`
+    /// again.
     writer: DatabaseConnection,
     /// Seals sandbox secret env values; `None` when no secret key is
     /// configured (then creates with secrets are refused).
@@ -53,7 +53,7 @@ pub struct Store {
 }
 
 /// Checkpoints an SQLite write-ahead log every second from a task of its
-/// own, on the writer connection.
+/// own, on a connection of its own.
 ///
 /// SQLite's automatic checkpoint runs inside whichever commit crosses 1,000
 /// pages and syncs the database file there: after a billing tick wrote
@@ -64,12 +64,21 @@ pub struct Store {
 /// log, the log never starts over, and it grew by 60 MB/s to 3.6 GB in a
 /// minute of creates. So once a passive checkpoint reports a log longer
 /// than 64 MiB, the next one is a RESTART: it copies the whole log into the
-/// database file and makes the next commit write from its start again. On
-/// the writer connection every checkpoint takes a writer's turn: writers
-/// queue behind it in this process instead of sleeping in SQLite's busy
-/// handler; a RESTART waits only for readers to leave the old snapshot,
-/// which are short. A busy answer is harmless: the next second tries again.
-/// Stops when the last store is dropped.
+/// database file and makes the next commit write from its start again.
+///
+/// A passive checkpoint runs beside writers (SQLite's checkpoint lock is
+/// not its write lock), so it has a connection of its own: on the writer
+/// connection each one took a writer's turn, and while a billing tick's
+/// thousands of entries grew the log, copying a second's worth of it into
+/// the database file took 200-300 ms, every second, with every create's
+/// commit queued behind it (half-rate p99 285 ms, all of it in these
+/// stalls). A RESTART does block writers while it waits for the log to be
+/// free, so it runs on the writer connection and takes a writer's turn:
+/// writers queue behind it in this process instead of sleeping in SQLite's
+/// busy handler; it waits only for readers to leave the old snapshot,
+/// which are short, and finds most of the log already copied. A busy
+/// answer is harmless: the next second tries again. Stops when the last
+/// store is dropped.
 #[derive(Debug)]
 struct Checkpoints(tokio::task::AbortHandle);
 
@@ -78,14 +87,19 @@ impl Checkpoints {
     /// A log longer than this (64 MiB of 4 KiB pages) is started over.
     const RESTART_ABOVE_FRAMES: i64 = 16_384;
 
-    fn start(writer: DatabaseConnection) -> Self {
+    fn start(checkpointer: DatabaseConnection, writer: DatabaseConnection) -> Self {
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Self::EVERY);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut mode = "PASSIVE";
             loop {
                 ticker.tick().await;
-                let checkpoint = writer
+                let connection = if mode == "PASSIVE" {
+                    &checkpointer
+                } else {
+                    &writer
+                };
+                let checkpoint = connection
                     .query_one(sea_orm::Statement::from_string(
                         DbBackend::Sqlite,
                         format!("PRAGMA wal_checkpoint({mode})"),
@@ -199,7 +213,12 @@ impl Store {
         } else {
             db.clone()
         };
-        let checkpoints = sqlite.then(|| Arc::new(Checkpoints::start(writer.clone())));
+        let checkpoints = if sqlite {
+            let checkpointer = Database::connect(Self::options(url, 1)).await?;
+            Some(Arc::new(Checkpoints::start(checkpointer, writer.clone())))
+        } else {
+            None
+        };
         Ok(Self {
             db,
             writer,
