@@ -44,6 +44,7 @@ async fn throughput_creates_sandboxes_on_fake_agents() {
     let shape = throughput::Shape {
         agents: 3,
         duration: Duration::from_secs(1),
+        half_rate_duration: Duration::from_secs(1),
         concurrency: 4,
     };
     let report = throughput::run_with(true, &shape).await;
