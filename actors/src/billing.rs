@@ -82,7 +82,8 @@ pub struct UsageCharge {
     pub phase: MeterPhase,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
-    /// Whole micro-units charged (a debit: the entry's amount is minus this).
+    /// Whole micro-units charged for the period (a debit: the entry's
+    /// amount is minus this).
     pub micros: i64,
     /// The remainder carried into the next period.
     pub carry: i64,
@@ -110,18 +111,23 @@ pub struct Meter {
     pub phase: MeterPhase,
     /// Everything before this instant is charged.
     pub billed_until: DateTime<Utc>,
-    /// Everything before this instant is in a written period; a charge too
-    /// small to write leaves this behind, and the next written period starts
-    /// here, so written periods cover the metered time without a gap.
+    /// Everything before this instant is in a written period; a charge not
+    /// written (see [`is_persisted`]) leaves this behind, and the next
+    /// written period starts here, so written periods cover the metered
+    /// time without a gap.
     pub written_until: DateTime<Utc>,
+    /// The whole micro-units charged for `[written_until, billed_until)`:
+    /// debited from the balance the ledger gates on, not yet written.
+    pub unwritten_micros: i64,
     pub carry: i64,
 }
 
 impl Meter {
-    /// The charge for `[billed_until, until)` in the current phase (as the
-    /// period `[written_until, until)`), or `None` when no time passed. A
-    /// span that costs less than a micro-unit still produces a charge of 0
-    /// that moves the carry forward, so nothing is lost.
+    /// The charge for `[billed_until, until)` in the current phase, as the
+    /// period `[written_until, until)` (its amount includes what the
+    /// unwritten part already charged), or `None` when no time passed. A
+    /// span that costs less than a micro-unit still produces a charge that
+    /// moves the carry forward, so nothing is lost.
     pub fn charge(&self, plan: &Plan, until: DateTime<Utc>) -> Option<UsageCharge> {
         let ms = (until - self.billed_until).num_milliseconds();
         if ms <= 0 {
@@ -133,7 +139,9 @@ impl Meter {
             phase: self.phase,
             period_start: self.written_until,
             period_end: self.billed_until + chrono::Duration::milliseconds(ms),
-            micros: i64::try_from(total / PRICE_DENOMINATOR).unwrap_or(i64::MAX),
+            micros: i64::try_from(total / PRICE_DENOMINATOR)
+                .unwrap_or(i64::MAX)
+                .saturating_add(self.unwritten_micros),
             carry: i64::try_from(total % PRICE_DENOMINATOR).unwrap_or(0),
         })
     }
@@ -144,6 +152,9 @@ impl Meter {
         self.carry = charge.carry;
         if written {
             self.written_until = charge.period_end;
+            self.unwritten_micros = 0;
+        } else {
+            self.unwritten_micros = charge.micros;
         }
     }
 }
@@ -169,14 +180,21 @@ pub fn resume_point(
 }
 
 /// Whether a charge is written to the ledger. A charge that closes a phase
-/// (the sandbox stopped, started or ended) always is: it records where the
-/// phase ended, so a restart resumes the next phase from there at the right
-/// price. A periodic charge below one micro-unit only moves the meter: after
-/// a restart, metering resumes from the last written period and its carry,
-/// so the span is charged again at the same price and comes to the same
-/// amount; nothing is lost and nothing is written for nothing.
-pub fn is_persisted(charge: &UsageCharge, closes_phase: bool) -> bool {
-    closes_phase || charge.micros > 0
+/// (the sandbox stopped, started or ended, or the plan changed) always is:
+/// it records where the phase ended, so a restart resumes the next phase
+/// from there at the right price. A periodic charge is written once its
+/// period is `write_every` long and costs at least one micro-unit; until
+/// then it only moves the meter (the ledger's gate and status count it at
+/// once). After a restart, metering resumes from the last written period
+/// and its carry, so the unwritten span is charged again at the same price
+/// and comes to the same amount (the arithmetic is exact): nothing is lost,
+/// nothing is charged twice, and a long-running sandbox costs one row a
+/// `write_every` rather than one a tick.
+pub fn is_persisted(charge: &UsageCharge, closes_phase: bool, write_every: Duration) -> bool {
+    let long_enough = (charge.period_end - charge.period_start)
+        .to_std()
+        .is_ok_and(|span| span >= write_every);
+    closes_phase || (charge.micros > 0 && long_enough)
 }
 
 /// Thresholds of the billing-status machine and the credit gate.
@@ -184,6 +202,10 @@ pub fn is_persisted(charge: &UsageCharge, closes_phase: bool) -> bool {
 pub struct BillingPolicy {
     /// How often running sandboxes are charged.
     pub interval: Duration,
+    /// How long a sandbox's usage period grows before it is written (see
+    /// [`is_persisted`]); at most `hold_window` by default, so what is
+    /// metered but unwritten is within what holds cover.
+    pub write_every: Duration,
     /// At or below this balance an org is in `warning`.
     pub warning_threshold_micros: i64,
     /// How long an org with no credit may go on before it is suspended.
@@ -199,6 +221,7 @@ impl Default for BillingPolicy {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(10),
+            write_every: Duration::from_secs(60),
             warning_threshold_micros: 1_000_000,
             grace: Duration::from_secs(15 * 60),
             min_balance_micros: 0,
@@ -344,6 +367,7 @@ mod tests {
             phase: MeterPhase::Running,
             billed_until: at(0),
             written_until: at(0),
+            unwritten_micros: 0,
             carry: 0,
         };
         let mut charged = 0;
@@ -357,6 +381,54 @@ mod tests {
         assert_eq!(charged, 5040 + 1012);
     }
 
+    /// Ticks every second, written every minute: each written period is a
+    /// minute long and carries what its unwritten ticks charged; the hour
+    /// costs exactly the hourly price; and a meter resumed from the last
+    /// written period (a restart) charges the unwritten span the same.
+    #[test]
+    fn unwritten_ticks_are_carried_into_the_written_period() {
+        let p = plan();
+        let minute = Duration::from_secs(60);
+        let mut meter = Meter {
+            sandbox_id: "s".into(),
+            resources: ONE_CORE_ONE_GIB,
+            phase: MeterPhase::Running,
+            billed_until: at(0),
+            written_until: at(0),
+            unwritten_micros: 0,
+            carry: 0,
+        };
+        let (mut written, mut periods, mut last_written) = (0, 0, meter.clone());
+        for second in 1..=3630 {
+            let charge = meter.charge(&p, at(second * 1000)).expect("a period");
+            let write = is_persisted(&charge, false, minute);
+            if write {
+                assert_eq!(
+                    charge.period_end - charge.period_start,
+                    chrono::Duration::seconds(60)
+                );
+                written += charge.micros;
+                periods += 1;
+            }
+            meter.apply(&charge, write);
+            if write {
+                last_written = meter.clone();
+            }
+        }
+        assert_eq!(periods, 60);
+        assert_eq!(written, p.hourly(MeterPhase::Running, ONE_CORE_ONE_GIB));
+        // 30 s charged but not written; resumed from the last written
+        // period, the same 30 s cost the same.
+        assert_eq!(meter.unwritten_micros, 555);
+        let again = last_written.charge(&p, at(3_630_000)).expect("a period");
+        assert_eq!(
+            (again.micros, again.carry),
+            (meter.unwritten_micros, meter.carry)
+        );
+        // A closing charge is written whatever its length.
+        assert!(is_persisted(&again, true, minute));
+    }
+
     #[test]
     fn no_time_no_charge() {
         let meter = Meter {
@@ -365,6 +437,7 @@ mod tests {
             phase: MeterPhase::Running,
             billed_until: at(5000),
             written_until: at(5000),
+            unwritten_micros: 0,
             carry: 0,
         };
         assert_eq!(meter.charge(&plan(), at(5000)), None);

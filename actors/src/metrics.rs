@@ -54,6 +54,8 @@ pub struct Counters {
     pub usage_charged_micros: Counter,
     /// Changes of an org's billing status.
     pub billing_transitions: Counter,
+    /// Periodic re-reads of an org's sandbox rows its ledger applied.
+    pub ledger_resyncs: Counter,
     /// Latencies, labelled counts and gauges.
     pub timings: Timings,
     /// The actors the supervisors started, for the actor tree.
@@ -207,7 +209,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let c = &self.0;
-        let rows: [(&str, &str, &Counter); 10] = [
+        let rows: [(&str, &str, &Counter); 11] = [
             (
                 "corral_drift_orphans_total",
                 "Containers found on hosts that no live sandbox accounts for.",
@@ -257,6 +259,11 @@ impl Metrics {
                 "corral_billing_transitions_total",
                 "Changes of an organisation's billing status.",
                 &c.billing_transitions,
+            ),
+            (
+                "corral_ledger_resyncs_total",
+                "Periodic re-reads of an organisation's sandboxes applied by its ledger.",
+                &c.ledger_resyncs,
             ),
         ];
         let mut out = String::new();

@@ -8,6 +8,9 @@
 //! - each sandbox is charged exactly its cost, rounded down to the
 //!   micro-unit, for the time it was observed running (and kept stopped);
 //! - the balance equals the sum of the entries.
+//!
+//! The write period is random too: charges not yet written are lost in a
+//! crash and charged again from the last written period.
 
 use std::collections::{HashMap, HashSet};
 
@@ -53,6 +56,8 @@ struct Entry {
 /// The ledger as the database holds it, and the meters as memory does.
 struct Model {
     plan: Plan,
+    /// How long a periodic charge's period grows before it is written.
+    write_every: std::time::Duration,
     resources: [Resources; 3],
     entries: Vec<Entry>,
     keys: HashSet<String>,
@@ -86,13 +91,13 @@ impl Model {
     }
 
     /// The ledger's rule: charge the meter up to `at`, writing the charge if
-    /// it closes a phase or costs something.
+    /// it closes a phase or its period is long enough and costs something.
     fn charge(&mut self, sandbox: usize, at: DateTime<Utc>, closes_phase: bool) {
         let Some(meter) = self.meters.get(&sandbox).cloned() else {
             return;
         };
         if let Some(charge) = meter.charge(&self.plan, at) {
-            let written = billing::is_persisted(&charge, closes_phase);
+            let written = billing::is_persisted(&charge, closes_phase, self.write_every);
             if written {
                 self.write(sandbox, &charge);
             }
@@ -134,6 +139,7 @@ impl Model {
                     phase: p,
                     billed_until: at,
                     written_until: at,
+                    unwritten_micros: 0,
                     carry: 0,
                 });
                 meter.phase = p;
@@ -168,6 +174,7 @@ impl Model {
                     phase,
                     billed_until,
                     written_until: billed_until,
+                    unwritten_micros: 0,
                     carry,
                 },
             );
@@ -184,6 +191,7 @@ proptest! {
         cpu in proptest::array::uniform3(1u64..4000),
         mem in proptest::array::uniform3(1u64..8192),
         stopped_price in 0i64..5_000,
+        write_every_ms in prop_oneof![Just(0u64), 1u64..60_000],
     ) {
         let plan = Plan {
             id: "p".into(),
@@ -195,6 +203,7 @@ proptest! {
         let resources = [0, 1, 2].map(|i| Resources { cpu_millis: cpu[i], memory_mb: mem[i] });
         let mut model = Model {
             plan,
+            write_every: std::time::Duration::from_millis(write_every_ms),
             resources,
             entries: Vec::new(),
             keys: HashSet::new(),

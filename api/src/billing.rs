@@ -92,6 +92,9 @@ pub struct UsageNow {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BillingView {
     pub org_id: String,
+    /// Credit left as of the last billing tick: the ledger's entries less
+    /// the running time charged since each sandbox's last written usage
+    /// period (written at least every `--billing-write-every-ms`).
     pub balance_micros: i64,
     /// active, warning, grace, suspended or exempt.
     pub status: String,

@@ -61,6 +61,12 @@ pub struct ServerConfig {
     /// How often running sandboxes are charged, in milliseconds.
     #[arg(long, env = "CORRAL_BILLING_INTERVAL_MS", default_value_t = 10_000)]
     pub billing_interval_ms: u64,
+    /// How long a running sandbox's usage period grows before it is
+    /// written to the ledger, in milliseconds (0: every tick). The balance,
+    /// the gate and the status count every tick's charge at once; this
+    /// only sets how many rows the ledger gets.
+    #[arg(long, env = "CORRAL_BILLING_WRITE_EVERY_MS", default_value_t = 60_000)]
+    pub billing_write_every_ms: u64,
     /// At or below this balance (micro-units) an org is in `warning`.
     #[arg(
         long,
@@ -159,6 +165,7 @@ impl ServerConfig {
             orphan_grace_ms: 60_000,
             transition_deadline_ms: 600_000,
             billing_interval_ms: 10_000,
+            billing_write_every_ms: 60_000,
             billing_warning_micros: 1_000_000,
             billing_grace_ms: 900_000,
             billing_min_balance_micros: 0,
@@ -291,6 +298,12 @@ impl ServerConfig {
                 3_600_000,
             ),
             (
+                "--billing-write-every-ms",
+                self.billing_write_every_ms,
+                0,
+                86_400_000,
+            ),
+            (
                 "--billing-grace-ms",
                 self.billing_grace_ms,
                 0,
@@ -388,6 +401,7 @@ impl Server {
         };
         let billing = BillingPolicy {
             interval: Duration::from_millis(config.billing_interval_ms),
+            write_every: Duration::from_millis(config.billing_write_every_ms),
             warning_threshold_micros: config.billing_warning_micros,
             grace: Duration::from_millis(config.billing_grace_ms),
             min_balance_micros: config.billing_min_balance_micros,

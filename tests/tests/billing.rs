@@ -116,7 +116,11 @@ async fn audit_ok(cp: &TestServer) {
 
 #[tokio::test]
 async fn running_time_is_charged_what_the_plan_says_and_stopped_time_is_free() {
-    let cp = TestServer::start_with(|c| c.billing_interval_ms = 200).await;
+    let cp = TestServer::start_with(|c| {
+        c.billing_interval_ms = 200;
+        c.billing_write_every_ms = 600;
+    })
+    .await;
     let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
     milli_plan(&cp).await;
     let (_, api) = cp
@@ -142,6 +146,12 @@ async fn running_time_is_charged_what_the_plan_says_and_stopped_time_is_free() {
     })
     .await;
     let (first, last, charged, metered_ms) = contiguous(&closed, &id);
+    // Periods grow to the write period before they are written (but the
+    // closing one, written when the sandbox stopped).
+    for entry in &closed[..closed.len() - 1] {
+        let span = ms(entry, "period_end") - ms(entry, "period_start");
+        assert!(span >= 600, "a {span} ms period written: {entry}");
+    }
     // From when it was running to when it stopped (the row's own times,
     // written a few microseconds apart from the meter's).
     assert!((first - started_at).abs() <= 5, "{first} vs {started_at}");
@@ -167,6 +177,48 @@ async fn running_time_is_charged_what_the_plan_says_and_stopped_time_is_free() {
     assert_eq!(usage["total_micros"], charged);
     assert_eq!(usage["sandboxes"][0]["sandbox_id"], id.as_str());
     assert_eq!(usage["sandboxes"][0]["running_ms"], metered_ms);
+    audit_ok(&cp).await;
+}
+
+/// Every tick's charge moves the balance at once; the ledger gets one row
+/// for the period, written when it ends (here: when the sandbox stops),
+/// with exactly what the ticks charged.
+#[tokio::test]
+async fn the_balance_moves_every_tick_and_the_ledger_gets_a_row_a_period() {
+    let cp = TestServer::start_with(|c| {
+        c.billing_interval_ms = 100;
+        c.billing_write_every_ms = 3_600_000;
+    })
+    .await;
+    let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
+    milli_plan(&cp).await;
+    let (_, api) = cp
+        .create_org_with(
+            json!({"name": "accruing", "plan": "milli", "credits_micros": 100_000_000}),
+        )
+        .await;
+    let id = id_of(&create_sandbox(&api, body(1000)).await);
+    wait_for("a few ticks to be charged", DEADLINE, || async {
+        let balance = billing(&api).await["balance_micros"].as_i64().unwrap_or(0);
+        (balance <= 100_000_000 - 500).then_some(())
+    })
+    .await;
+    assert_eq!(usage_entries(&api).await.len(), 0, "nothing written yet");
+    let (status, stopped) = api
+        .post(&format!("/v1/sandboxes/{id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    let entries = wait_for("the closing period", DEADLINE, || async {
+        let entries = usage_entries(&api).await;
+        (!entries.is_empty()).then_some(entries)
+    })
+    .await;
+    assert_eq!(entries.len(), 1, "one period: {entries:?}");
+    let (first, last, charged, metered_ms) = contiguous(&entries, &id);
+    assert!((first - ms(&stopped, "started_at")).abs() <= 5);
+    assert!((last - ms(&stopped, "updated_at")).abs() <= 5);
+    assert_eq!(charged, metered_ms);
+    assert_eq!(billing(&api).await["balance_micros"], 100_000_000 - charged);
     audit_ok(&cp).await;
 }
 
@@ -359,7 +411,13 @@ async fn quotas_bound_sandboxes_and_resources_and_cap_the_ttl() {
 
 #[tokio::test]
 async fn a_control_plane_restart_during_metering_neither_skips_nor_repeats_a_period() {
-    let cp = TestServer::start_with(|c| c.billing_interval_ms = 100).await;
+    // Written every 300 ms: the restart comes with charged time unwritten,
+    // which the new control plane charges again from the last period.
+    let cp = TestServer::start_with(|c| {
+        c.billing_interval_ms = 100;
+        c.billing_write_every_ms = 300;
+    })
+    .await;
     let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
     milli_plan(&cp).await;
     let (_, api) = cp
@@ -401,8 +459,15 @@ async fn killing_the_server_during_metering_leaves_an_exact_ledger() {
     if skip_without_runc("killing_the_server_during_metering_leaves_an_exact_ledger") {
         return;
     }
-    let mut stack =
-        RuncStack::start_with_env("runc", &[("CORRAL_BILLING_INTERVAL_MS", "200")], &[]).await;
+    let mut stack = RuncStack::start_with_env(
+        "runc",
+        &[
+            ("CORRAL_BILLING_INTERVAL_MS", "200"),
+            ("CORRAL_BILLING_WRITE_EVERY_MS", "500"),
+        ],
+        &[],
+    )
+    .await;
     let mut request = body(1000);
     request["command"] = json!(["sleep", "3600"]);
     request["memory_mb"] = json!(256);

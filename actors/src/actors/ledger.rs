@@ -18,7 +18,7 @@
 //!   logged, counted and handed to the [`BillingHook`]; a suspended org's
 //!   sandboxes are stopped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -193,9 +193,11 @@ pub enum LedgerMsg {
     /// A tick's usage entries were written, all or a first part of them.
     Charged {
         due: Vec<UsageCharge>,
-        free: Vec<UsageCharge>,
         written: Appended,
     },
+    /// The org's live sandbox rows, read beside the mailbox for a periodic
+    /// re-synchronisation (sent by the ledger's own read).
+    Resynced(Result<Vec<MeteredSandbox>, CorralError>),
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -212,7 +214,12 @@ pub struct LedgerState {
     ctx: BillingContext,
     org: org::Model,
     plan: Plan,
+    /// The sum of the org's ledger entries.
     balance_micros: i64,
+    /// What the meters charged and did not write yet (the sum of their
+    /// `unwritten_micros`): the balance the gate and the status go by is
+    /// `balance_micros` less this.
+    unwritten_micros: i64,
     meters: HashMap<String, Meter>,
     /// What holds credit and quota.
     reservations: Reservations,
@@ -222,6 +229,10 @@ pub struct LedgerState {
     /// moves the meters or the balance waits in `deferred`.
     writing: Option<i64>,
     deferred: std::collections::VecDeque<LedgerMsg>,
+    /// While a periodic re-read of the rows is under way: the sandboxes
+    /// whose metering changed since it began. The rows are older than what
+    /// the ledger heard of these, so the re-read leaves them as they are.
+    resyncing: Option<HashSet<String>>,
 }
 
 /// The sandboxes holding an org's credit and quota: live ones (from their
@@ -272,9 +283,11 @@ impl Reservations {
         }
     }
 
-    fn clear_live(&mut self) {
-        for (_, (r, held)) in std::mem::take(&mut self.live) {
-            self.sub(r, held);
+    /// Drops the live reservations of the sandboxes `keep` does not name.
+    fn retain_live(&mut self, keep: impl Fn(&str) -> bool) {
+        let dropped: Vec<String> = self.live.keys().filter(|id| !keep(id)).cloned().collect();
+        for id in dropped {
+            self.remove_live(&id);
         }
     }
 
@@ -400,6 +413,12 @@ impl LedgerState {
         self.reservations.held_micros()
     }
 
+    /// The balance as of the last tick: the entries less what was charged
+    /// and not yet written.
+    fn balance_now(&self) -> i64 {
+        self.balance_micros.saturating_sub(self.unwritten_micros)
+    }
+
     fn usage(&self) -> Usage {
         self.reservations.usage()
     }
@@ -407,7 +426,7 @@ impl LedgerState {
     fn summary(&self) -> LedgerSummary {
         LedgerSummary {
             org_id: self.org.id.clone(),
-            balance_micros: self.balance_micros,
+            balance_micros: self.balance_now(),
             status: self.status(),
             exempt: self.org.billing_exempt,
             plan: self.plan.clone(),
@@ -435,9 +454,7 @@ impl LedgerState {
                 "the organisation is suspended for lack of credit; add credit to resume".into(),
             ));
         }
-        let balance = self
-            .balance_micros
-            .saturating_sub(self.writing.unwrap_or(0));
+        let balance = self.balance_now().saturating_sub(self.writing.unwrap_or(0));
         let available = balance
             .saturating_sub(self.held_micros())
             .saturating_sub(extra_hold);
@@ -481,11 +498,13 @@ impl Actor for LedgerActor {
             plan,
             // Read in `post_start`, after any write still in flight.
             balance_micros: 0,
+            unwritten_micros: 0,
             meters: HashMap::new(),
             reservations: Reservations::default(),
             ticks: 0,
             writing: None,
             deferred: Default::default(),
+            resyncing: None,
         };
         Ok(state)
     }
@@ -527,14 +546,35 @@ impl Actor for LedgerActor {
             state.deferred.push_back(message);
             return Ok(());
         }
-        self.handle_now(&myself, message, state).await;
+        self.handle_timed(&myself, message, state).await;
         while state.writing.is_none() {
             let Some(message) = state.deferred.pop_front() else {
                 break;
             };
-            self.handle_now(&myself, message, state).await;
+            self.handle_timed(&myself, message, state).await;
         }
         Ok(())
+    }
+}
+
+/// A message that keeps the mailbox longer than this is logged (at debug):
+/// every create of the org waits behind it.
+const SLOW_MESSAGE: Duration = Duration::from_millis(10);
+
+fn message_kind(message: &LedgerMsg) -> &'static str {
+    match message {
+        LedgerMsg::Credit { .. } => "credit",
+        LedgerMsg::Summary(_) => "summary",
+        LedgerMsg::AuthorizeCreate { .. } => "authorize_create",
+        LedgerMsg::AuthorizeStart(_) => "authorize_start",
+        LedgerMsg::Release { .. } => "release",
+        LedgerMsg::Meter { .. } => "meter",
+        LedgerMsg::Tick => "tick",
+        LedgerMsg::Configure { .. } => "configure",
+        LedgerMsg::Audit(_) => "audit",
+        LedgerMsg::Charged { .. } => "charged",
+        LedgerMsg::Resynced(_) => "resynced",
+        LedgerMsg::InjectPanic => "inject_panic",
     }
 }
 
@@ -553,6 +593,20 @@ fn waits_for_writes(message: &LedgerMsg) -> bool {
 }
 
 impl LedgerActor {
+    async fn handle_timed(
+        &self,
+        myself: &ActorRef<LedgerMsg>,
+        message: LedgerMsg,
+        state: &mut LedgerState,
+    ) {
+        let (kind, started) = (message_kind(&message), Instant::now());
+        self.handle_now(myself, message, state).await;
+        let elapsed = started.elapsed();
+        if elapsed > SLOW_MESSAGE {
+            tracing::debug!(org.id = %state.org.id, message = kind, elapsed_ms = elapsed.as_millis() as u64, "slow ledger message");
+        }
+    }
+
     async fn handle_now(
         &self,
         myself: &ActorRef<LedgerMsg>,
@@ -606,6 +660,9 @@ impl LedgerActor {
                 resources,
                 at,
             } => {
+                if let Some(touched) = &mut state.resyncing {
+                    touched.insert(sandbox_id.clone());
+                }
                 meter_changed(state, &sandbox_id, phase, resources, at).await;
             }
             LedgerMsg::Tick => {
@@ -615,20 +672,19 @@ impl LedgerActor {
                     return;
                 }
                 state.ticks += 1;
-                let due = state.ticks.is_multiple_of(RESYNC_EVERY_TICKS);
-                if let Err(err) = if due { resync(state).await } else { Ok(()) } {
-                    tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; charging what is known");
+                if state.ticks.is_multiple_of(RESYNC_EVERY_TICKS) && state.resyncing.is_none() {
+                    start_resync(myself, state);
                 }
                 if !charge_meters(myself, state, Utc::now()) {
                     evaluate(state, "metering").await;
                 }
             }
-            LedgerMsg::Charged { due, free, written } => {
+            LedgerMsg::Charged { due, written } => {
                 state.writing = None;
                 if let Some(err) = &written.failed {
                     tracing::warn!(org.id = %state.org.id, error = %err, unwritten = due.len() - written.inserted.len(), "could not persist usage; the rest is charged on the next tick");
                 }
-                apply_charges(state, &due, written.inserted, &free);
+                apply_charges(state, &due, written.inserted, &[]);
                 evaluate(state, "metering").await;
             }
             LedgerMsg::Configure { settings, reply } => {
@@ -640,6 +696,22 @@ impl LedgerActor {
             }
             LedgerMsg::Audit(reply) => {
                 let _ = reply.send(audit(state).await);
+            }
+            LedgerMsg::Resynced(rows) => {
+                // None: not this incarnation's read.
+                let Some(touched) = state.resyncing.take() else {
+                    return;
+                };
+                let result = match rows {
+                    Ok(rows) => reconcile(state, rows, &touched).await,
+                    Err(err) => Err(err),
+                };
+                match result {
+                    Ok(()) => state.ctx.metrics.ledger_resyncs.inc(),
+                    Err(err) => {
+                        tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; metering goes on from what was heard")
+                    }
+                }
             }
             LedgerMsg::InjectPanic => panic!("injected fault in ledger {}", state.org.id),
         }
@@ -705,13 +777,41 @@ async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
     resync(state).await
 }
 
-/// Re-reads the org's live sandboxes: reservations follow the rows, and
-/// meters start, change phase or end as the rows say (for changes whose
-/// message never arrived).
+/// Re-reads the org's live sandboxes in the mailbox (a starting ledger:
+/// nothing else is handled before it is done).
 async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
+    reconcile(state, rows, &HashSet::new()).await
+}
+
+/// The periodic re-read: the rows are read by a task of their own (tens of
+/// thousands for a big org: long enough to stall every create behind this
+/// mailbox) and applied in [`LedgerMsg::Resynced`]; meanwhile the ledger
+/// notes which sandboxes it hears of.
+fn start_resync(myself: &ActorRef<LedgerMsg>, state: &mut LedgerState) {
+    state.resyncing = Some(HashSet::new());
+    let store = state.ctx.store.clone();
+    let (org_id, myself) = (state.org.id.clone(), myself.clone());
+    tokio::spawn(async move {
+        let rows = store.live_sandboxes_of(&org_id).await;
+        let _ = myself.tell(LedgerMsg::Resynced(rows));
+    });
+}
+
+/// Brings the ledger in line with the org's live sandbox `rows`:
+/// reservations follow the rows, and meters start, change phase or end as
+/// the rows say (for changes whose message never arrived). The sandboxes
+/// in `touched` changed after the rows were read: they are left as the
+/// ledger has them.
+async fn reconcile(
+    state: &mut LedgerState,
+    rows: Vec<MeteredSandbox>,
+    touched: &HashSet<String>,
+) -> Result<(), CorralError> {
+    // Applied in the mailbox: tens of thousands of rows for a big org, so
+    // what already matches is left alone (no clearing and re-inserting).
+    let rows: Vec<&MeteredSandbox> = rows.iter().filter(|r| !touched.contains(&r.id)).collect();
     state.reservations.expire_pending(PENDING_TTL);
-    state.reservations.clear_live();
     // Where each sandbox that needs a new meter resumes, in a few queries
     // rather than one per sandbox (a restart meters them all at once).
     let unmetered: Vec<String> = rows
@@ -725,8 +825,9 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
         .map(|r| r.id.clone())
         .collect();
     let last_periods = state.ctx.store.last_usage_of(&unmetered).await?;
-    let mut seen = std::collections::HashSet::new();
-    for row in &rows {
+    let mut live: HashSet<&str> = HashSet::with_capacity(rows.len());
+    let mut seen: HashSet<&str> = HashSet::with_capacity(rows.len());
+    for row in rows.iter().copied() {
         // Its row exists: the reservation now follows the row.
         state.reservations.remove_pending(&row.id);
         let Some(sandbox_state) = SandboxState::parse(&row.state) else {
@@ -737,13 +838,16 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
         }
         let resources = resources_of(row);
         let held = state.hold_of(resources);
-        state
-            .reservations
-            .insert_live(row.id.clone(), resources, held);
+        live.insert(&row.id);
+        if state.reservations.live.get(&row.id) != Some(&(resources, held)) {
+            state
+                .reservations
+                .insert_live(row.id.clone(), resources, held);
+        }
         let Some(phase) = metered_phase(sandbox_state) else {
             continue;
         };
-        seen.insert(row.id.clone());
+        seen.insert(&row.id);
         match state.meters.get(&row.id).map(|m| m.phase) {
             Some(current) if current == phase => {}
             Some(_) => {
@@ -762,14 +866,20 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
             }
         }
     }
+    state
+        .reservations
+        .retain_live(|id| live.contains(id) || touched.contains(id));
     // Meters whose sandbox is no longer running nor kept: end them at the
     // row's last change (or now, for a row that is gone).
     let ended: Vec<String> = state
         .meters
         .keys()
-        .filter(|id| !seen.contains(*id))
+        .filter(|id| !seen.contains(id.as_str()) && !touched.contains(*id))
         .cloned()
         .collect();
+    if ended.is_empty() {
+        return Ok(());
+    }
     let changed_at: HashMap<&str, DateTime<Utc>> =
         rows.iter().map(|r| (r.id.as_str(), r.updated_at)).collect();
     for id in ended {
@@ -811,6 +921,7 @@ fn resume_meter(
         phase,
         billed_until,
         written_until: billed_until,
+        unwritten_micros: 0,
         carry,
     }
 }
@@ -867,6 +978,7 @@ async fn meter_changed(
                 phase,
                 billed_until: at,
                 written_until: at,
+                unwritten_micros: 0,
                 carry: 0,
             },
         );
@@ -875,19 +987,39 @@ async fn meter_changed(
     }
 }
 
-/// Charges every meter up to `until`. The entries are written by a task
-/// of their own (thousands of rows for a big org: long enough to stall
-/// every create behind this mailbox); the charges apply when it reports
-/// back in [`LedgerMsg::Charged`]. Answers whether a write was started
-/// (nothing is written when nothing is due).
+/// Charges every meter up to `until`, in one pass: a charge that is not
+/// written yet moves its meter here; the others are written by a task of
+/// their own (thousands of rows for a big org: long enough to stall every
+/// create behind this mailbox) and apply when it reports back in
+/// [`LedgerMsg::Charged`]. Answers whether a write was started (nothing is
+/// written when nothing is due).
 fn charge_meters(
     myself: &ActorRef<LedgerMsg>,
     state: &mut LedgerState,
     until: DateTime<Utc>,
 ) -> bool {
-    let (due, free) = split_charges(charges_until(state, until), false);
+    let (plan, write_every) = (&state.plan, state.ctx.policy.write_every);
+    let mut due = Vec::new();
+    // What the gate does not count yet: the part of each due charge beyond
+    // what its meter already charged unwritten.
+    let mut writing = 0i64;
+    let mut unwritten = state.unwritten_micros;
+    for meter in state.meters.values_mut() {
+        let Some(charge) = meter.charge(plan, until) else {
+            continue;
+        };
+        if billing::is_persisted(&charge, false, write_every) {
+            writing = writing.saturating_add(charge.micros.saturating_sub(meter.unwritten_micros));
+            due.push(charge);
+        } else {
+            unwritten = unwritten
+                .saturating_sub(meter.unwritten_micros)
+                .saturating_add(charge.micros);
+            meter.apply(&charge, false);
+        }
+    }
+    state.unwritten_micros = unwritten;
     if due.is_empty() {
-        apply_charges(state, &due, Vec::new(), &free);
         return false;
     }
     // Free unless a successor of this ledger is still reading where to
@@ -895,17 +1027,17 @@ fn charge_meters(
     let Ok(held) = state.ctx.tick_writes.of(&state.org.id).try_lock_owned() else {
         return false;
     };
-    let entries = entries_of(state, &due);
-    state.writing = Some(due.iter().map(|c| c.micros).fold(0i64, i64::saturating_add));
+    state.writing = Some(writing);
     let store = state.ctx.store.clone();
     let myself = myself.clone();
     let org_id = state.org.id.clone();
     tokio::spawn(async move {
+        let entries = entries_of(&org_id, &due);
         let (count, started) = (entries.len(), std::time::Instant::now());
         let written = store.append_ledger_entries(entries).await;
         drop(held);
         tracing::debug!(org.id = %org_id, entries = count, elapsed_ms = started.elapsed().as_millis() as u64, "usage written");
-        let _ = myself.tell(LedgerMsg::Charged { due, free, written });
+        let _ = myself.tell(LedgerMsg::Charged { due, written });
     });
     true
 }
@@ -921,18 +1053,20 @@ fn charges_until(state: &LedgerState, until: DateTime<Utc>) -> Vec<UsageCharge> 
 
 /// The charges [`billing::is_persisted`] keeps, and the rest.
 fn split_charges(
+    state: &LedgerState,
     charges: Vec<UsageCharge>,
     closes_phase: bool,
 ) -> (Vec<UsageCharge>, Vec<UsageCharge>) {
+    let write_every = state.ctx.policy.write_every;
     charges
         .into_iter()
-        .partition(|c| billing::is_persisted(c, closes_phase))
+        .partition(|c| billing::is_persisted(c, closes_phase, write_every))
 }
 
-fn entries_of(state: &LedgerState, due: &[UsageCharge]) -> Vec<NewLedgerEntry> {
+fn entries_of(org_id: &str, due: &[UsageCharge]) -> Vec<NewLedgerEntry> {
     due.iter()
         .map(|c| NewLedgerEntry {
-            org_id: state.org.id.clone(),
+            org_id: org_id.to_string(),
             kind: "usage".into(),
             amount_micros: -c.micros,
             idempotency_key: c.idempotency_key(),
@@ -959,11 +1093,11 @@ async fn persist_charges(
     charges: Vec<UsageCharge>,
     closes_phase: bool,
 ) -> Result<(), CorralError> {
-    let (due, free) = split_charges(charges, closes_phase);
+    let (due, free) = split_charges(state, charges, closes_phase);
     let written = state
         .ctx
         .store
-        .append_ledger_entries(entries_of(state, &due))
+        .append_ledger_entries(entries_of(&state.org.id, &due))
         .await;
     match written.failed {
         // What was committed is applied; the rest is charged on the next
@@ -999,14 +1133,22 @@ fn apply_charges(
                 .debits_by_org
                 .add(&[&state.org.id], charge.micros as f64);
         }
-        if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
-            meter.apply(charge, true);
-        }
+        apply_to_meter(state, charge, true);
     }
     for charge in free {
-        if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
-            meter.apply(charge, false);
-        }
+        apply_to_meter(state, charge, false);
+    }
+}
+
+/// Moves a charge's meter, and the org's unwritten total with it.
+fn apply_to_meter(state: &mut LedgerState, charge: &UsageCharge, written: bool) {
+    if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
+        let before = meter.unwritten_micros;
+        meter.apply(charge, written);
+        state.unwritten_micros = state
+            .unwritten_micros
+            .saturating_sub(before)
+            .saturating_add(meter.unwritten_micros);
     }
 }
 
@@ -1016,7 +1158,7 @@ async fn evaluate(state: &mut LedgerState, reason: &str) {
     let (next, deadline) = billing::next_status(
         current,
         state.org.billing_exempt,
-        state.balance_micros,
+        state.balance_now(),
         state.org.grace_deadline,
         Utc::now(),
         &state.ctx.policy,
@@ -1037,7 +1179,7 @@ async fn evaluate(state: &mut LedgerState, reason: &str) {
                 org_id: state.org.id.clone(),
                 from: current,
                 to: next,
-                balance_micros: state.balance_micros,
+                balance_micros: state.balance_now(),
                 reason: reason.to_string(),
             };
             if let Err(err) = state
@@ -1047,7 +1189,7 @@ async fn evaluate(state: &mut LedgerState, reason: &str) {
                     &transition.org_id,
                     current,
                     next,
-                    state.balance_micros,
+                    state.balance_now(),
                     reason,
                 )
                 .await
@@ -1060,7 +1202,7 @@ async fn evaluate(state: &mut LedgerState, reason: &str) {
                 crate::events::EventKind::Billing {
                     from: current.as_str().to_string(),
                     to: next.as_str().to_string(),
-                    balance_micros: state.balance_micros,
+                    balance_micros: state.balance_now(),
                 },
             );
             state.ctx.hook.status_changed(&transition);
@@ -1112,8 +1254,9 @@ async fn configure(state: &mut LedgerState, settings: BillingSettings) -> Result
     }
     if plan != state.plan {
         // Time so far is charged at the old prices (or the plan stays).
+        // Written whatever their length: a restart re-prices what was not.
         let charges = charges_until(state, Utc::now());
-        persist_charges(state, charges, false).await?;
+        persist_charges(state, charges, true).await?;
     }
     state.org = state.ctx.store.save_org(org).await?;
     state.plan = plan;
@@ -1349,7 +1492,11 @@ mod tests {
         r.reprice(|res| i64::try_from(res.cpu_millis).unwrap_or(0) * 2);
         check(&r);
         assert_eq!(r.held_micros(), 800);
-        r.clear_live();
+        r.insert_live("d".into(), res(5, 5), 5);
+        r.retain_live(|id| id == "d");
+        check(&r);
+        assert_eq!((r.usage().cpu_millis, r.held_micros()), (5, 5));
+        r.retain_live(|_| false);
         check(&r);
         assert_eq!((r.usage(), r.held_micros()), (Usage::default(), 0));
     }
@@ -1597,5 +1744,76 @@ mod tests {
             balance
         );
         successor.stop(None);
+    }
+    async fn summary_of(ledger: &ActorRef<LedgerMsg>) -> LedgerSummary {
+        match ledger
+            .ask(LedgerMsg::Summary, Some(Duration::from_secs(10)))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(summary)) => summary,
+            _ => panic!("no summary within 10 s"),
+        }
+    }
+
+    /// The periodic re-read of the rows is applied after the ledger heard
+    /// of a change the rows do not show yet (the sandbox ended while its
+    /// many rows were being read): the change stands; the meter is not
+    /// brought back from the older row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_heard_during_a_re_read_is_not_undone_by_it() {
+        use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, TransactionTrait};
+        const CREATING: usize = 20_000;
+        let org = org_with_a_long_running_sandbox().await;
+        // Enough rows that reading them takes far longer than handling the
+        // message that follows the tick.
+        let txn = org.store.connection().begin().await.expect("a transaction");
+        for _ in 0..CREATING / 500 {
+            sandbox::Entity::insert_many((0..500).map(|_| {
+                sandbox::Model::for_test(&org.id, "hst_1", SandboxState::Creating)
+                    .into_active_model()
+                    .reset_all()
+            }))
+            .exec(&txn)
+            .await
+            .expect("rows");
+        }
+        txn.commit().await.expect("committed");
+        let ledger = start_ledger(&org).await;
+        for _ in 1..RESYNC_EVERY_TICKS {
+            ledger.tell(LedgerMsg::Tick).expect("a tick");
+            summary_of(&ledger).await;
+        }
+        assert_eq!(org.context.metrics.ledger_resyncs.get(), 0);
+        assert!(summary_of(&ledger).await.burn_rate_micros_per_hour > 0);
+
+        // The tick that starts the re-read, and the sandbox's end right
+        // behind it.
+        ledger.tell(LedgerMsg::Tick).expect("a tick");
+        ledger
+            .tell(LedgerMsg::Meter {
+                sandbox_id: org.sandbox_id.clone(),
+                phase: None,
+                resources: Resources {
+                    cpu_millis: 1_000,
+                    memory_mb: 64,
+                },
+                at: Utc::now(),
+            })
+            .expect("a metering change");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while org.context.metrics.ledger_resyncs.get() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the re-read was not applied in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let summary = summary_of(&ledger).await;
+        assert_eq!(
+            summary.burn_rate_micros_per_hour, 0,
+            "the ended sandbox is metered again: {summary:?}"
+        );
+        assert_eq!(summary.usage.sandboxes, CREATING as u64, "{summary:?}");
+        ledger.stop(None);
     }
 }
