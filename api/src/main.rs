@@ -7,6 +7,11 @@ use corral_api::client::{self, AdminCommand, Connection, SandboxCommand};
 use corral_api::dev::{self, DevConfig};
 use corral_api::server::{Server, ServerConfig};
 
+/// jemalloc: glibc's malloc was a sixth of the CPU under load, and
+/// mimalloc held a third more memory (docs/performance.md, "Optimisations").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "corral", version, about = "Corral sandbox orchestrator")]
 struct Cli {

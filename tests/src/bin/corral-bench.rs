@@ -5,6 +5,11 @@
 
 use corral_tests::bench::{self, Params, Report};
 
+/// jemalloc: glibc's malloc was a sixth of the CPU under load, and
+/// mimalloc held a third more memory (docs/performance.md, "Optimisations").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn usage() -> ! {
     eprintln!(
         "usage: corral-bench SCENARIO|all [--quick] [--json]\nscenarios: {}",
