@@ -1704,23 +1704,9 @@ mod tests {
         // The sandbox stops: its closing charge is always written, from
         // where the successor resumed.
         successor
-            .tell(LedgerMsg::Meter {
-                sandbox_id: org.sandbox_id.clone(),
-                phase: None,
-                resources: Resources {
-                    cpu_millis: 1_000,
-                    memory_mb: 64,
-                },
-                at: Utc::now(),
-            })
+            .tell(sandbox_ended(&org))
             .expect("a metering change");
-        let balance = match successor
-            .ask(LedgerMsg::Summary, Some(Duration::from_secs(10)))
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(summary)) => summary.balance_micros,
-            _ => panic!("no summary within 10 s"),
-        };
+        let balance = summary_of(&successor).await.balance_micros;
         let mut periods: Vec<_> = org
             .store
             .all_usage(&org.id)
@@ -1745,6 +1731,19 @@ mod tests {
         );
         successor.stop(None);
     }
+    /// The org's sandbox ended now, as its SandboxActor tells it.
+    fn sandbox_ended(org: &Org) -> LedgerMsg {
+        LedgerMsg::Meter {
+            sandbox_id: org.sandbox_id.clone(),
+            phase: None,
+            resources: Resources {
+                cpu_millis: 1_000,
+                memory_mb: 64,
+            },
+            at: Utc::now(),
+        }
+    }
+
     async fn summary_of(ledger: &ActorRef<LedgerMsg>) -> LedgerSummary {
         match ledger
             .ask(LedgerMsg::Summary, Some(Duration::from_secs(10)))
@@ -1789,17 +1788,7 @@ mod tests {
         // The tick that starts the re-read, and the sandbox's end right
         // behind it.
         ledger.tell(LedgerMsg::Tick).expect("a tick");
-        ledger
-            .tell(LedgerMsg::Meter {
-                sandbox_id: org.sandbox_id.clone(),
-                phase: None,
-                resources: Resources {
-                    cpu_millis: 1_000,
-                    memory_mb: 64,
-                },
-                at: Utc::now(),
-            })
-            .expect("a metering change");
+        ledger.tell(sandbox_ended(&org)).expect("a metering change");
         let deadline = Instant::now() + Duration::from_secs(30);
         while org.context.metrics.ledger_resyncs.get() == 0 {
             assert!(
