@@ -146,8 +146,10 @@ impl Meter {
         })
     }
 
-    /// Takes a charge as applied (`written`: and in the ledger).
-    pub fn apply(&mut self, charge: &UsageCharge, written: bool) {
+    /// Takes a charge as applied (`written`: and in the ledger). Answers
+    /// how much `unwritten_micros` moved, for the ledger's total of it.
+    pub fn apply(&mut self, charge: &UsageCharge, written: bool) -> i64 {
+        let before = self.unwritten_micros;
         self.billed_until = charge.period_end;
         self.carry = charge.carry;
         if written {
@@ -156,6 +158,7 @@ impl Meter {
         } else {
             self.unwritten_micros = charge.micros;
         }
+        self.unwritten_micros.saturating_sub(before)
     }
 }
 
@@ -399,6 +402,9 @@ mod tests {
             carry: 0,
         };
         let (mut written, mut periods, mut last_written) = (0, 0, meter.clone());
+        // What the ledger keeps as its unwritten total, from what each
+        // charge moved.
+        let mut unwritten_total = 0;
         for second in 1..=3630 {
             let charge = meter.charge(&p, at(second * 1000)).expect("a period");
             let write = is_persisted(&charge, false, minute);
@@ -410,7 +416,7 @@ mod tests {
                 written += charge.micros;
                 periods += 1;
             }
-            meter.apply(&charge, write);
+            unwritten_total += meter.apply(&charge, write);
             if write {
                 last_written = meter.clone();
             }
@@ -420,6 +426,7 @@ mod tests {
         // 30 s charged but not written; resumed from the last written
         // period, the same 30 s cost the same.
         assert_eq!(meter.unwritten_micros, 555);
+        assert_eq!(unwritten_total, 555);
         let again = last_written.charge(&p, at(3_630_000)).expect("a period");
         assert_eq!(
             (again.micros, again.carry),

@@ -285,9 +285,16 @@ impl Reservations {
 
     /// Drops the live reservations of the sandboxes `keep` does not name.
     fn retain_live(&mut self, keep: impl Fn(&str) -> bool) {
-        let dropped: Vec<String> = self.live.keys().filter(|id| !keep(id)).cloned().collect();
-        for id in dropped {
-            self.remove_live(&id);
+        let mut dropped = Vec::new();
+        self.live.retain(|id, &mut (r, held)| {
+            let kept = keep(id);
+            if !kept {
+                dropped.push((r, held));
+            }
+            kept
+        });
+        for (r, held) in dropped {
+            self.sub(r, held);
         }
     }
 
@@ -684,7 +691,7 @@ impl LedgerActor {
                 if let Some(err) = &written.failed {
                     tracing::warn!(org.id = %state.org.id, error = %err, unwritten = due.len() - written.inserted.len(), "could not persist usage; the rest is charged on the next tick");
                 }
-                apply_charges(state, &due, written.inserted, &[]);
+                apply_charges(state, &due, written.inserted);
                 evaluate(state, "metering").await;
             }
             LedgerMsg::Configure { settings, reply } => {
@@ -940,7 +947,7 @@ async fn meter_changed(
             return;
         }
         if let Some(charge) = meter.charge(&state.plan, at) {
-            if persist_charges(state, vec![charge.clone()], true)
+            if persist_closing_charges(state, vec![charge.clone()])
                 .await
                 .is_err()
             {
@@ -1003,7 +1010,6 @@ fn charge_meters(
     // What the gate does not count yet: the part of each due charge beyond
     // what its meter already charged unwritten.
     let mut writing = 0i64;
-    let mut unwritten = state.unwritten_micros;
     for meter in state.meters.values_mut() {
         let Some(charge) = meter.charge(plan, until) else {
             continue;
@@ -1012,13 +1018,10 @@ fn charge_meters(
             writing = writing.saturating_add(charge.micros.saturating_sub(meter.unwritten_micros));
             due.push(charge);
         } else {
-            unwritten = unwritten
-                .saturating_sub(meter.unwritten_micros)
-                .saturating_add(charge.micros);
-            meter.apply(&charge, false);
+            let moved = meter.apply(&charge, false);
+            state.unwritten_micros = state.unwritten_micros.saturating_add(moved);
         }
     }
-    state.unwritten_micros = unwritten;
     if due.is_empty() {
         return false;
     }
@@ -1051,18 +1054,6 @@ fn charges_until(state: &LedgerState, until: DateTime<Utc>) -> Vec<UsageCharge> 
         .collect()
 }
 
-/// The charges [`billing::is_persisted`] keeps, and the rest.
-fn split_charges(
-    state: &LedgerState,
-    charges: Vec<UsageCharge>,
-    closes_phase: bool,
-) -> (Vec<UsageCharge>, Vec<UsageCharge>) {
-    let write_every = state.ctx.policy.write_every;
-    charges
-        .into_iter()
-        .partition(|c| billing::is_persisted(c, closes_phase, write_every))
-}
-
 fn entries_of(org_id: &str, due: &[UsageCharge]) -> Vec<NewLedgerEntry> {
     due.iter()
         .map(|c| NewLedgerEntry {
@@ -1086,42 +1077,32 @@ fn entries_of(org_id: &str, due: &[UsageCharge]) -> Vec<NewLedgerEntry> {
         .collect()
 }
 
-/// Persists the charges [`billing::is_persisted`] keeps, then applies them
-/// all to the meters and the balance.
-async fn persist_charges(
+/// Writes charges that close a phase (a sandbox's change, a plan change):
+/// each is written whatever its length, as it records where the phase
+/// ended ([`billing::is_persisted`]). What was committed is applied; the
+/// rest is charged again later, under the same keys, so nothing twice.
+async fn persist_closing_charges(
     state: &mut LedgerState,
     charges: Vec<UsageCharge>,
-    closes_phase: bool,
 ) -> Result<(), CorralError> {
-    let (due, free) = split_charges(state, charges, closes_phase);
     let written = state
         .ctx
         .store
-        .append_ledger_entries(entries_of(&state.org.id, &due))
+        .append_ledger_entries(entries_of(&state.org.id, &charges))
         .await;
+    apply_charges(state, &charges, written.inserted);
     match written.failed {
-        // What was committed is applied; the rest is charged on the next
-        // tick (under the same keys, so nothing twice).
         Some(err) => {
             tracing::warn!(org.id = %state.org.id, error = %err, "could not persist usage; the rest is charged on the next tick");
-            apply_charges(state, &due, written.inserted, &[]);
             Err(err)
         }
-        None => {
-            apply_charges(state, &due, written.inserted, &free);
-            Ok(())
-        }
+        None => Ok(()),
     }
 }
 
-/// Applies persisted charges (the balance moves for those that were new:
-/// one already written is never charged again) and free ones to the meters.
-fn apply_charges(
-    state: &mut LedgerState,
-    due: &[UsageCharge],
-    inserted: Vec<bool>,
-    free: &[UsageCharge],
-) {
+/// Applies written charges to the meters and the balance (which moves for
+/// those that were new: one already written is never charged again).
+fn apply_charges(state: &mut LedgerState, due: &[UsageCharge], inserted: Vec<bool>) {
     for (charge, inserted) in due.iter().zip(inserted) {
         if inserted {
             state.balance_micros = state.balance_micros.saturating_sub(charge.micros);
@@ -1133,22 +1114,10 @@ fn apply_charges(
                 .debits_by_org
                 .add(&[&state.org.id], charge.micros as f64);
         }
-        apply_to_meter(state, charge, true);
-    }
-    for charge in free {
-        apply_to_meter(state, charge, false);
-    }
-}
-
-/// Moves a charge's meter, and the org's unwritten total with it.
-fn apply_to_meter(state: &mut LedgerState, charge: &UsageCharge, written: bool) {
-    if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
-        let before = meter.unwritten_micros;
-        meter.apply(charge, written);
-        state.unwritten_micros = state
-            .unwritten_micros
-            .saturating_sub(before)
-            .saturating_add(meter.unwritten_micros);
+        if let Some(meter) = state.meters.get_mut(&charge.sandbox_id) {
+            let moved = meter.apply(charge, true);
+            state.unwritten_micros = state.unwritten_micros.saturating_add(moved);
+        }
     }
 }
 
@@ -1256,7 +1225,7 @@ async fn configure(state: &mut LedgerState, settings: BillingSettings) -> Result
         // Time so far is charged at the old prices (or the plan stays).
         // Written whatever their length: a restart re-prices what was not.
         let charges = charges_until(state, Utc::now());
-        persist_charges(state, charges, true).await?;
+        persist_closing_charges(state, charges).await?;
     }
     state.org = state.ctx.store.save_org(org).await?;
     state.plan = plan;
