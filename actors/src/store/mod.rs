@@ -91,13 +91,13 @@ impl Checkpoints {
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Self::EVERY);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut mode = "PASSIVE";
+            let mut restart = false;
             loop {
                 ticker.tick().await;
-                let connection = if mode == "PASSIVE" {
-                    &checkpointer
+                let (connection, mode) = if restart {
+                    (&writer, "RESTART")
                 } else {
-                    &writer
+                    (&checkpointer, "PASSIVE")
                 };
                 let checkpoint = connection
                     .query_one(sea_orm::Statement::from_string(
@@ -114,11 +114,7 @@ impl Checkpoints {
                         0
                     }
                 };
-                mode = if frames > Self::RESTART_ABOVE_FRAMES {
-                    "RESTART"
-                } else {
-                    "PASSIVE"
-                };
+                restart = frames > Self::RESTART_ABOVE_FRAMES;
             }
         });
         Self(task.abort_handle())
@@ -208,16 +204,13 @@ impl Store {
         let sqlite = url.starts_with("sqlite:");
         let db = Database::connect(Self::options(url, if sqlite { 8 } else { 32 })).await?;
         Migrator::up(&db, None).await?;
-        let writer = if sqlite {
-            Database::connect(Self::options(url, 1)).await?
-        } else {
-            db.clone()
-        };
-        let checkpoints = if sqlite {
+        let (writer, checkpoints) = if sqlite {
+            let writer = Database::connect(Self::options(url, 1)).await?;
             let checkpointer = Database::connect(Self::options(url, 1)).await?;
-            Some(Arc::new(Checkpoints::start(checkpointer, writer.clone())))
+            let checkpoints = Checkpoints::start(checkpointer, writer.clone());
+            (writer, Some(Arc::new(checkpoints)))
         } else {
-            None
+            (db.clone(), None)
         };
         Ok(Self {
             db,
