@@ -11,7 +11,8 @@ use corral_actors::billing::{MeterPhase, Plan, PRICE_DENOMINATOR};
 use corral_actors::domain::Resources;
 use corral_agent::fake::FakeConfig;
 use corral_tests::{
-    create_sandbox, error_code, id_of, skip_without_runc, wait_for, Api, RuncStack, TestServer,
+    create_sandbox, error_code, id_of, skip_without_runc, wait_for, Api, InProcessAgent, RuncStack,
+    TestServer,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -31,6 +32,29 @@ async fn milli_plan(cp: &TestServer) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// A control plane charging every `interval_ms` and writing usage periods
+/// once they are `write_every_ms` long, a fake agent, and an org `name` on
+/// the milli plan with 100 M micro-units running one one-core sandbox:
+/// the server, its agent, the org's API and the sandbox's id.
+async fn one_metered_sandbox(
+    name: &str,
+    interval_ms: u64,
+    write_every_ms: u64,
+) -> (TestServer, InProcessAgent, Api, String) {
+    let cp = TestServer::start_with(|c| {
+        c.billing_interval_ms = interval_ms;
+        c.billing_write_every_ms = write_every_ms;
+    })
+    .await;
+    let agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
+    milli_plan(&cp).await;
+    let (_, api) = cp
+        .create_org_with(json!({"name": name, "plan": "milli", "credits_micros": 100_000_000}))
+        .await;
+    let id = id_of(&create_sandbox(&api, body(1000)).await);
+    (cp, agent, api, id)
 }
 
 fn body(cpu_millis: u64) -> Value {
@@ -116,17 +140,7 @@ async fn audit_ok(cp: &TestServer) {
 
 #[tokio::test]
 async fn running_time_is_charged_what_the_plan_says_and_stopped_time_is_free() {
-    let cp = TestServer::start_with(|c| {
-        c.billing_interval_ms = 200;
-        c.billing_write_every_ms = 600;
-    })
-    .await;
-    let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
-    milli_plan(&cp).await;
-    let (_, api) = cp
-        .create_org_with(json!({"name": "metered", "plan": "milli", "credits_micros": 100_000_000}))
-        .await;
-    let id = id_of(&create_sandbox(&api, body(1000)).await);
+    let (cp, _agent, api, id) = one_metered_sandbox("metered", 200, 600).await;
     // A second's worth of periods, then a stop.
     wait_for("a few periods to be charged", DEADLINE, || async {
         (usage_entries(&api).await.len() >= 4).then_some(())
@@ -185,19 +199,7 @@ async fn running_time_is_charged_what_the_plan_says_and_stopped_time_is_free() {
 /// with exactly what the ticks charged.
 #[tokio::test]
 async fn the_balance_moves_every_tick_and_the_ledger_gets_a_row_a_period() {
-    let cp = TestServer::start_with(|c| {
-        c.billing_interval_ms = 100;
-        c.billing_write_every_ms = 3_600_000;
-    })
-    .await;
-    let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
-    milli_plan(&cp).await;
-    let (_, api) = cp
-        .create_org_with(
-            json!({"name": "accruing", "plan": "milli", "credits_micros": 100_000_000}),
-        )
-        .await;
-    let id = id_of(&create_sandbox(&api, body(1000)).await);
+    let (cp, _agent, api, id) = one_metered_sandbox("accruing", 100, 3_600_000).await;
     wait_for("a few ticks to be charged", DEADLINE, || async {
         let balance = billing(&api).await["balance_micros"].as_i64().unwrap_or(0);
         (balance <= 100_000_000 - 500).then_some(())
@@ -413,17 +415,7 @@ async fn quotas_bound_sandboxes_and_resources_and_cap_the_ttl() {
 async fn a_control_plane_restart_during_metering_neither_skips_nor_repeats_a_period() {
     // Written every 300 ms: the restart comes with charged time unwritten,
     // which the new control plane charges again from the last period.
-    let cp = TestServer::start_with(|c| {
-        c.billing_interval_ms = 100;
-        c.billing_write_every_ms = 300;
-    })
-    .await;
-    let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
-    milli_plan(&cp).await;
-    let (_, api) = cp
-        .create_org_with(json!({"name": "steady", "plan": "milli", "credits_micros": 100_000_000}))
-        .await;
-    let id = id_of(&create_sandbox(&api, body(1000)).await);
+    let (cp, _agent, api, id) = one_metered_sandbox("steady", 100, 300).await;
     wait_for("some periods", DEADLINE, || async {
         (usage_entries(&api).await.len() >= 3).then_some(())
     })
