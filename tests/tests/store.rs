@@ -395,7 +395,7 @@ async fn a_failed_transaction_leaves_the_committed_part() {
         )
         .await
         .expect("trigger");
-    let per = Store::ENTRIES_PER_TRANSACTION;
+    let per = Store::ENTRIES_PER_STATEMENT;
     let entry = |key: String| NewLedgerEntry {
         org_id: org.id.clone(),
         kind: "usage".into(),

@@ -8,6 +8,7 @@
 
 pub mod entities;
 mod security;
+mod writer;
 
 pub use security::{AuditFilter, NewAuditEvent};
 
@@ -37,13 +38,14 @@ pub use entities::{
 pub struct Store {
     /// Reads (and PostgreSQL's writes): a pool.
     db: DatabaseConnection,
-    /// Writes. On SQLite a pool of one connection: SQLite has one write lock,
-    /// and a writer that finds it taken sleeps in its busy handler (1, 2, 5,
+    /// Writes. On SQLite one connection: SQLite has one write lock, and a
+    /// writer that finds it taken sleeps in its busy handler (1, 2, 5,
     /// 10 ... 100 ms) and may lose it again on waking; queued here instead,
     /// writers take turns in arrival order without sleeping (CPU per create
-    /// 1.8 -> 1.35 ms in the throughput benchmark). On PostgreSQL, `db`
-    /// again.
-    writer: DatabaseConnection,
+    /// 1.8 -> 1.35 ms in the throughput benchmark), and the statements that
+    /// queued meanwhile are committed together (see [`writer`]). On
+    /// PostgreSQL, `db` again.
+    writer: writer::Writer,
     /// Seals sandbox secret env values; `None` when no secret key is
     /// configured (then creates with secrets are refused).
     secrets: Option<crate::secrets::SecretBox>,
@@ -208,9 +210,9 @@ impl Store {
             let writer = Database::connect(Self::options(url, 1)).await?;
             let checkpointer = Database::connect(Self::options(url, 1)).await?;
             let checkpoints = Checkpoints::start(checkpointer, writer.clone());
-            (writer, Some(Arc::new(checkpoints)))
+            (writer::Writer::grouped(writer), Some(Arc::new(checkpoints)))
         } else {
-            (db.clone(), None)
+            (writer::Writer::Direct(db.clone()), None)
         };
         Ok(Self {
             db,
@@ -728,12 +730,12 @@ impl Store {
     }
 
     /// Appends entries, each skipped if its idempotency key exists already
-    /// (or came earlier in `entries`), in transactions of
-    /// [`Self::ENTRIES_PER_TRANSACTION`]: a billing tick writes one entry
-    /// per running sandbox of the org, and one transaction of 40,000 rows
-    /// held SQLite's only write lock for 3 s, so every create behind it
-    /// timed out (half-rate p99 5-8 s). Between two short transactions other
-    /// writers get their turn.
+    /// (or came earlier in `entries`), in statements of
+    /// [`Self::ENTRIES_PER_STATEMENT`], each written whole or not at all: a
+    /// billing tick writes one entry per running sandbox of the org, and one
+    /// transaction of 40,000 rows held SQLite's only write lock for 3 s, so
+    /// every create behind it timed out (half-rate p99 5-8 s). Between two
+    /// short statements other writers get their turn.
     ///
     /// Answers, per entry of the part that was committed, whether it was
     /// inserted (so the caller applies exactly the new ones), and why the
@@ -741,14 +743,12 @@ impl Store {
     /// written and are charged again later under the same keys.
     pub async fn append_ledger_entries(&self, entries: Vec<NewLedgerEntry>) -> Appended {
         use sea_orm::sea_query::OnConflict;
-        use sea_orm::{QueryTrait, TransactionTrait};
+        use sea_orm::QueryTrait;
         let mut appended = Appended::default();
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
-            let chunk: Vec<NewLedgerEntry> = entries
-                .by_ref()
-                .take(Self::ENTRIES_PER_TRANSACTION)
-                .collect();
+            let chunk: Vec<NewLedgerEntry> =
+                entries.by_ref().take(Self::ENTRIES_PER_STATEMENT).collect();
             let keys: Vec<String> = chunk.iter().map(|e| e.idempotency_key.clone()).collect();
             // Only the keys of the new rows come back: all that is needed.
             let mut insert = ledger_entry::Entity::insert_many(
@@ -762,15 +762,12 @@ impl Store {
             .into_query();
             insert.returning_col(ledger_entry::Column::IdempotencyKey);
             let statement = self.writer.get_database_backend().build(&insert);
-            let written = async {
-                let txn = self.writer.begin().await?;
-                let rows = txn.query_all(statement).await?;
-                txn.commit().await?;
+            // One statement: all of it is written or none.
+            let written = self.writer.query_all(statement).await.and_then(|rows| {
                 rows.iter()
                     .map(|row| row.try_get_by_index::<String>(0))
                     .collect::<std::result::Result<Vec<_>, _>>()
-            }
-            .await;
+            });
             let mut added: std::collections::HashSet<String> = match written {
                 Ok(added) => added.into_iter().collect(),
                 Err(err) => {
@@ -787,10 +784,10 @@ impl Store {
         appended
     }
 
-    /// Rows per transaction (and statement) of [`Self::append_ledger_entries`]:
+    /// Rows per statement of [`Self::append_ledger_entries`]:
     /// a few milliseconds of SQLite's write lock; 11 bound values each stays
     /// far below SQLite's and PostgreSQL's limits on parameters.
-    pub const ENTRIES_PER_TRANSACTION: usize = 250;
+    pub const ENTRIES_PER_STATEMENT: usize = 250;
 
     /// The end and carry of the latest usage period of each of these
     /// sandboxes (metering resumes after it). A sandbox's periods are
