@@ -1035,6 +1035,13 @@ fn charge_meters(
     let myself = myself.clone();
     let org_id = state.org.id.clone();
     tokio::spawn(async move {
+        // In key order: the meters come out of a hash map, and rows in
+        // random order each dirtied a page of the idempotency-key and the
+        // sandbox-period indexes of their own. In order, neighbours share
+        // them (150,000 rows into SQLite: 35-41 -> 3.4-5.1 us a row, 12 ->
+        // 1 KiB of write-ahead log; Python's sqlite3 on the schema).
+        let mut due = due;
+        due.sort_unstable_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
         let entries = entries_of(&org_id, &due);
         let (count, started) = (entries.len(), std::time::Instant::now());
         let written = store.append_ledger_entries(entries).await;
@@ -1721,6 +1728,36 @@ mod tests {
             Ok(ractor::rpc::CallResult::Success(summary)) => summary,
             _ => panic!("no summary within 10 s"),
         }
+    }
+
+    /// A tick's usage entries reach the database in the order of their
+    /// keys (see `charge_meters`), whatever the order of the meters.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_writes_its_entries_in_the_order_of_their_keys() {
+        let org = org_with_a_long_running_sandbox().await;
+        for _ in 0..30 {
+            org.store
+                .insert_sandbox(running_row(&org.id, 20))
+                .await
+                .expect("a sandbox");
+        }
+        let ledger = start_ledger(&org).await;
+        ledger.tell(LedgerMsg::Tick).expect("a tick");
+        // Answered once the tick's write is applied.
+        summary_of(&ledger).await;
+        let keys: Vec<String> = org
+            .store
+            .all_usage(&org.id)
+            .await
+            .expect("the usage")
+            .into_iter()
+            .map(|entry| entry.idempotency_key)
+            .collect();
+        assert_eq!(keys.len(), 31, "one entry a sandbox");
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "written in key order");
+        ledger.stop(None);
     }
 
     /// The periodic re-read of the rows is applied after the ledger heard
