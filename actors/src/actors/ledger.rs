@@ -195,9 +195,14 @@ pub enum LedgerMsg {
         due: Vec<UsageCharge>,
         written: Appended,
     },
-    /// The org's live sandbox rows, read beside the mailbox for a periodic
-    /// re-synchronisation (sent by the ledger's own read).
-    Resynced(Result<Vec<MeteredSandbox>, CorralError>),
+    /// A page of the org's live sandbox rows, read beside the mailbox for
+    /// a periodic re-synchronisation (sent by the ledger's own read): the
+    /// rows whose ids are in `span`, for the re-read numbered `resync`.
+    Resynced {
+        resync: u64,
+        span: IdSpan,
+        rows: Result<Vec<MeteredSandbox>, CorralError>,
+    },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -229,10 +234,32 @@ pub struct LedgerState {
     /// moves the meters or the balance waits in `deferred`.
     writing: Option<i64>,
     deferred: std::collections::VecDeque<LedgerMsg>,
-    /// While a periodic re-read of the rows is under way: the sandboxes
-    /// whose metering changed since it began. The rows are older than what
-    /// the ledger heard of these, so the re-read leaves them as they are.
-    resyncing: Option<HashSet<String>>,
+    /// While a periodic re-read of the rows is under way: its number and
+    /// the sandboxes whose metering changed since it began. The rows are
+    /// older than what the ledger heard of these, so the re-read leaves
+    /// them as they are.
+    resyncing: Option<(u64, HashSet<String>)>,
+    /// Periodic re-reads started.
+    resyncs: u64,
+}
+
+/// The sandbox ids after `after` (all from the first) up to and including
+/// `through` (all to the last): what one page of a re-read covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdSpan {
+    after: Option<String>,
+    through: Option<String>,
+}
+
+impl IdSpan {
+    fn contains(&self, id: &str) -> bool {
+        self.after.as_deref().is_none_or(|after| id > after)
+            && self.through.as_deref().is_none_or(|through| id <= through)
+    }
+
+    fn is_last(&self) -> bool {
+        self.through.is_none()
+    }
 }
 
 /// The sandboxes holding an org's credit and quota: live ones (from their
@@ -361,6 +388,11 @@ impl Reservations {
 /// The rows are re-read every this many ticks (metering itself follows the
 /// SandboxActors' messages; the re-read only catches a lost one).
 const RESYNC_EVERY_TICKS: u64 = 6;
+
+/// Rows a page of the periodic re-read: 24-48 ms of the mailbox each for an
+/// org of 300,000 sandboxes (the rows, and a pass over the org's meters and
+/// reservations for the ones in the page's span).
+const RESYNC_PAGE: usize = 10_000;
 
 /// How long a starting ledger retries reading its sandboxes before it fails.
 const RESYNC_AT_START_FOR: Duration = Duration::from_secs(30);
@@ -512,6 +544,7 @@ impl Actor for LedgerActor {
             writing: None,
             deferred: Default::default(),
             resyncing: None,
+            resyncs: 0,
         };
         Ok(state)
     }
@@ -580,7 +613,7 @@ fn message_kind(message: &LedgerMsg) -> &'static str {
         LedgerMsg::Configure { .. } => "configure",
         LedgerMsg::Audit(_) => "audit",
         LedgerMsg::Charged { .. } => "charged",
-        LedgerMsg::Resynced(_) => "resynced",
+        LedgerMsg::Resynced { .. } => "resynced",
         LedgerMsg::InjectPanic => "inject_panic",
     }
 }
@@ -667,7 +700,7 @@ impl LedgerActor {
                 resources,
                 at,
             } => {
-                if let Some(touched) = &mut state.resyncing {
+                if let Some((_, touched)) = &mut state.resyncing {
                     touched.insert(sandbox_id.clone());
                 }
                 meter_changed(state, &sandbox_id, phase, resources, at).await;
@@ -704,16 +737,21 @@ impl LedgerActor {
             LedgerMsg::Audit(reply) => {
                 let _ = reply.send(audit(state).await);
             }
-            LedgerMsg::Resynced(rows) => {
-                // None: not this incarnation's read.
-                let Some(touched) = state.resyncing.take() else {
+            LedgerMsg::Resynced { resync, span, rows } => {
+                // Not the re-read under way (one that failed earlier).
+                let Some((current, touched)) = state.resyncing.take() else {
                     return;
                 };
+                if current != resync {
+                    state.resyncing = Some((current, touched));
+                    return;
+                }
                 let result = match rows {
-                    Ok(rows) => reconcile(state, rows, &touched).await,
+                    Ok(rows) => reconcile(state, rows, &touched, &span).await,
                     Err(err) => Err(err),
                 };
                 match result {
+                    Ok(()) if !span.is_last() => state.resyncing = Some((current, touched)),
                     Ok(()) => state.ctx.metrics.ledger_resyncs.inc(),
                     Err(err) => {
                         tracing::warn!(org.id = %state.org.id, error = %err, "could not re-read the org's sandboxes; metering goes on from what was heard")
@@ -788,32 +826,57 @@ async fn rebuild(state: &mut LedgerState) -> Result<(), CorralError> {
 /// nothing else is handled before it is done).
 async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
     let rows = state.ctx.store.live_sandboxes_of(&state.org.id).await?;
-    reconcile(state, rows, &HashSet::new()).await
+    reconcile(state, rows, &HashSet::new(), &IdSpan::default()).await
 }
 
 /// The periodic re-read: the rows are read by a task of their own (tens of
 /// thousands for a big org: long enough to stall every create behind this
-/// mailbox) and applied in [`LedgerMsg::Resynced`]; meanwhile the ledger
-/// notes which sandboxes it hears of.
+/// mailbox) in pages of [`RESYNC_PAGE`] in id order, each applied in a
+/// [`LedgerMsg::Resynced`] of its own (300,000 rows applied at once held
+/// the mailbox, and every create behind it, 283-344 ms); meanwhile the
+/// ledger notes which sandboxes it hears of.
 fn start_resync(myself: &ActorRef<LedgerMsg>, state: &mut LedgerState) {
-    state.resyncing = Some(HashSet::new());
+    state.resyncs += 1;
+    let resync = state.resyncs;
+    state.resyncing = Some((resync, HashSet::new()));
     let store = state.ctx.store.clone();
     let (org_id, myself) = (state.org.id.clone(), myself.clone());
     tokio::spawn(async move {
-        let rows = store.live_sandboxes_of(&org_id).await;
-        let _ = myself.tell(LedgerMsg::Resynced(rows));
+        let mut after = None;
+        loop {
+            let rows = store
+                .live_sandboxes_page(&org_id, after.as_deref(), Some(RESYNC_PAGE as u64))
+                .await;
+            // A short page (or a failed read) is the last.
+            let through = match &rows {
+                Ok(rows) if rows.len() == RESYNC_PAGE => rows.last().map(|row| row.id.clone()),
+                _ => None,
+            };
+            let span = IdSpan {
+                after: after.take(),
+                through: through.clone(),
+            };
+            let last = span.is_last();
+            let sent = myself.tell(LedgerMsg::Resynced { resync, span, rows });
+            if sent.is_err() || last {
+                break;
+            }
+            after = through;
+        }
     });
 }
 
-/// Brings the ledger in line with the org's live sandbox `rows`:
-/// reservations follow the rows, and meters start, change phase or end as
-/// the rows say (for changes whose message never arrived). The sandboxes
-/// in `touched` changed after the rows were read: they are left as the
-/// ledger has them.
+/// Brings the ledger in line with the org's live sandbox `rows`, which are
+/// every live one with an id in `span`: reservations follow the rows, and
+/// meters start, change phase or end as the rows say (for changes whose
+/// message never arrived). The sandboxes in `touched` changed after the
+/// rows were read: they are left as the ledger has them, as is everything
+/// outside `span`.
 async fn reconcile(
     state: &mut LedgerState,
     rows: Vec<MeteredSandbox>,
     touched: &HashSet<String>,
+    span: &IdSpan,
 ) -> Result<(), CorralError> {
     // Applied in the mailbox: tens of thousands of rows for a big org, so
     // what already matches is left alone (no clearing and re-inserting).
@@ -875,13 +938,13 @@ async fn reconcile(
     }
     state
         .reservations
-        .retain_live(|id| live.contains(id) || touched.contains(id));
+        .retain_live(|id| !span.contains(id) || live.contains(id) || touched.contains(id));
     // Meters whose sandbox is no longer running nor kept: end them at the
     // row's last change (or now, for a row that is gone).
     let ended: Vec<String> = state
         .meters
         .keys()
-        .filter(|id| !seen.contains(id.as_str()) && !touched.contains(*id))
+        .filter(|id| span.contains(id) && !seen.contains(id.as_str()) && !touched.contains(*id))
         .cloned()
         .collect();
     if ended.is_empty() {
@@ -1708,6 +1771,94 @@ mod tests {
         successor.stop(None);
     }
     /// The org's sandbox ended now, as its SandboxActor tells it.
+    /// A re-read of more rows than a page, applied page by page: changes
+    /// the ledger never heard of are found in every page (the first, a
+    /// middle and the last one, and a row added after the last id), and no
+    /// page ends the meters of another (the last would end all of them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paged_re_read_finds_changes_in_every_page_and_only_those() {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{
+            ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
+            TransactionTrait,
+        };
+        const RUNNING: usize = 2 * RESYNC_PAGE + RESYNC_PAGE / 2;
+        let org = org_with_a_long_running_sandbox().await;
+        let txn = org.store.connection().begin().await.expect("a transaction");
+        for _ in 0..RUNNING / 500 {
+            sandbox::Entity::insert_many(
+                (0..500).map(|_| running_row(&org.id, 20).into_active_model().reset_all()),
+            )
+            .exec(&txn)
+            .await
+            .expect("rows");
+        }
+        txn.commit().await.expect("committed");
+        let ledger = start_ledger(&org).await;
+        for _ in 1..RESYNC_EVERY_TICKS {
+            ledger.tell(LedgerMsg::Tick).expect("a tick");
+            summary_of(&ledger).await;
+        }
+        let before = summary_of(&ledger).await;
+        assert_eq!(before.usage.sandboxes, RUNNING as u64 + 1);
+
+        // Behind the ledger's back: three rows gone (in the first, the
+        // second and the last page) and one new after every other id.
+        let mut ids: Vec<String> = org
+            .store
+            .live_sandboxes_of(&org.id)
+            .await
+            .expect("rows")
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        ids.sort();
+        let gone = vec![
+            ids[5].clone(),
+            ids[RESYNC_PAGE + 5].clone(),
+            ids[RUNNING - 5].clone(),
+        ];
+        sandbox::Entity::update_many()
+            .col_expr(
+                sandbox::Column::State,
+                Expr::value(SandboxState::Destroyed.as_str()),
+            )
+            .col_expr(sandbox::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(sandbox::Column::Id.is_in(gone.clone()))
+            .exec(org.store.connection())
+            .await
+            .expect("destroyed");
+        org.store
+            .insert_sandbox(running_row(&org.id, 1))
+            .await
+            .expect("a new sandbox");
+
+        ledger
+            .tell(LedgerMsg::Tick)
+            .expect("the tick that starts the re-read");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while org.context.metrics.ledger_resyncs.get() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the re-read was not applied in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let after = summary_of(&ledger).await;
+        assert_eq!(
+            after.usage.sandboxes,
+            RUNNING as u64 + 1 - 3 + 1,
+            "{after:?}"
+        );
+        let per_sandbox = before.burn_rate_micros_per_hour / (RUNNING as i64 + 1);
+        assert_eq!(
+            after.burn_rate_micros_per_hour,
+            per_sandbox * (RUNNING as i64 - 1),
+            "three meters ended, one started"
+        );
+        ledger.stop(None);
+    }
+
     fn sandbox_ended(org: &Org) -> LedgerMsg {
         LedgerMsg::Meter {
             sandbox_id: org.sandbox_id.clone(),

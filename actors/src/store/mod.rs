@@ -865,8 +865,19 @@ impl Store {
     /// of columns, not the row (a resync reads thousands; decoding the
     /// command, env, labels and placement JSON of each was most of it).
     pub async fn live_sandboxes_of(&self, org_id: &str) -> Result<Vec<MeteredSandbox>> {
+        self.live_sandboxes_page(org_id, None, None).await
+    }
+
+    /// A page of [`Self::live_sandboxes_of`] in id order: at most `limit`
+    /// rows whose ids come after `after`.
+    pub async fn live_sandboxes_page(
+        &self,
+        org_id: &str,
+        after: Option<&str>,
+        limit: Option<u64>,
+    ) -> Result<Vec<MeteredSandbox>> {
         use sandbox::Column as C;
-        Ok(sandbox::Entity::find()
+        let mut query = sandbox::Entity::find()
             .select_only()
             .columns([
                 C::Id,
@@ -877,10 +888,14 @@ impl Store {
                 C::UpdatedAt,
             ])
             .filter(C::OrgId.eq(org_id))
-            .filter(C::State.ne(SandboxState::Destroyed.as_str()))
-            .into_model::<MeteredSandbox>()
-            .all(&self.db)
-            .await?)
+            .filter(C::State.ne(SandboxState::Destroyed.as_str()));
+        if let Some(after) = after {
+            query = query.filter(C::Id.gt(after));
+        }
+        if let Some(limit) = limit {
+            query = query.order_by_asc(C::Id).limit(limit);
+        }
+        Ok(query.into_model::<MeteredSandbox>().all(&self.db).await?)
     }
 
     pub async fn save_org(&self, model: org::Model) -> Result<org::Model> {
