@@ -1771,6 +1771,41 @@ mod tests {
         successor.stop(None);
     }
     /// The org's sandbox ended now, as its SandboxActor tells it.
+    /// Inserts `count` (a multiple of 500) rows made by `row`, in one
+    /// transaction.
+    async fn insert_rows(org: &Org, count: usize, row: impl Fn() -> sandbox::Model) {
+        use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, TransactionTrait};
+        let txn = org.store.connection().begin().await.expect("a transaction");
+        for _ in 0..count / 500 {
+            sandbox::Entity::insert_many((0..500).map(|_| row().into_active_model().reset_all()))
+                .exec(&txn)
+                .await
+                .expect("rows");
+        }
+        txn.commit().await.expect("committed");
+    }
+
+    /// Every tick before the one that starts the periodic re-read, each
+    /// handled in full.
+    async fn ticks_before_the_re_read(ledger: &ActorRef<LedgerMsg>) {
+        for _ in 1..RESYNC_EVERY_TICKS {
+            ledger.tell(LedgerMsg::Tick).expect("a tick");
+            summary_of(ledger).await;
+        }
+    }
+
+    /// Waits until the org's ledger applied a periodic re-read in full.
+    async fn re_read_applied(org: &Org) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while org.context.metrics.ledger_resyncs.get() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the re-read was not applied in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A re-read of more rows than a page, applied page by page: changes
     /// the ledger never heard of are found in every page (the first, a
     /// middle and the last one, and a row added after the last id), and no
@@ -1778,27 +1813,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paged_re_read_finds_changes_in_every_page_and_only_those() {
         use sea_orm::sea_query::Expr;
-        use sea_orm::{
-            ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
-            TransactionTrait,
-        };
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
         const RUNNING: usize = 2 * RESYNC_PAGE + RESYNC_PAGE / 2;
         let org = org_with_a_long_running_sandbox().await;
-        let txn = org.store.connection().begin().await.expect("a transaction");
-        for _ in 0..RUNNING / 500 {
-            sandbox::Entity::insert_many(
-                (0..500).map(|_| running_row(&org.id, 20).into_active_model().reset_all()),
-            )
-            .exec(&txn)
-            .await
-            .expect("rows");
-        }
-        txn.commit().await.expect("committed");
+        insert_rows(&org, RUNNING, || running_row(&org.id, 20)).await;
         let ledger = start_ledger(&org).await;
-        for _ in 1..RESYNC_EVERY_TICKS {
-            ledger.tell(LedgerMsg::Tick).expect("a tick");
-            summary_of(&ledger).await;
-        }
+        ticks_before_the_re_read(&ledger).await;
         let before = summary_of(&ledger).await;
         assert_eq!(before.usage.sandboxes, RUNNING as u64 + 1);
 
@@ -1836,14 +1856,7 @@ mod tests {
         ledger
             .tell(LedgerMsg::Tick)
             .expect("the tick that starts the re-read");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while org.context.metrics.ledger_resyncs.get() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the re-read was not applied in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        re_read_applied(&org).await;
         let after = summary_of(&ledger).await;
         assert_eq!(
             after.usage.sandboxes,
@@ -1917,28 +1930,16 @@ mod tests {
     /// brought back from the older row.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_heard_during_a_re_read_is_not_undone_by_it() {
-        use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, TransactionTrait};
         const CREATING: usize = 20_000;
         let org = org_with_a_long_running_sandbox().await;
         // Enough rows that reading them takes far longer than handling the
         // message that follows the tick.
-        let txn = org.store.connection().begin().await.expect("a transaction");
-        for _ in 0..CREATING / 500 {
-            sandbox::Entity::insert_many((0..500).map(|_| {
-                sandbox::Model::for_test(&org.id, "hst_1", SandboxState::Creating)
-                    .into_active_model()
-                    .reset_all()
-            }))
-            .exec(&txn)
-            .await
-            .expect("rows");
-        }
-        txn.commit().await.expect("committed");
+        insert_rows(&org, CREATING, || {
+            sandbox::Model::for_test(&org.id, "hst_1", SandboxState::Creating)
+        })
+        .await;
         let ledger = start_ledger(&org).await;
-        for _ in 1..RESYNC_EVERY_TICKS {
-            ledger.tell(LedgerMsg::Tick).expect("a tick");
-            summary_of(&ledger).await;
-        }
+        ticks_before_the_re_read(&ledger).await;
         assert_eq!(org.context.metrics.ledger_resyncs.get(), 0);
         assert!(summary_of(&ledger).await.burn_rate_micros_per_hour > 0);
 
@@ -1946,14 +1947,7 @@ mod tests {
         // behind it.
         ledger.tell(LedgerMsg::Tick).expect("a tick");
         ledger.tell(sandbox_ended(&org)).expect("a metering change");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while org.context.metrics.ledger_resyncs.get() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the re-read was not applied in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        re_read_applied(&org).await;
         let summary = summary_of(&ledger).await;
         assert_eq!(
             summary.burn_rate_micros_per_hour, 0,
