@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) enum Writer {
     /// PostgreSQL: the pool, whose connections commit concurrently.
     Direct(DatabaseConnection),
-    /// SQLite: single-statement writes go through the group committer; the
-    /// connection (a pool of one) serves multi-statement transactions and
-    /// checkpoints, taking turns with the committer's batches.
+    /// SQLite: every write goes through the group committer, on the
+    /// connection (a pool of one, which the RESTART checkpoints take turns
+    /// on too).
     Grouped {
         connection: DatabaseConnection,
         statements: mpsc::Sender<Queued>,
@@ -59,8 +59,7 @@ impl Writer {
         }
     }
 
-    /// The connection, for a transaction of several statements.
-    pub(crate) fn connection(&self) -> &DatabaseConnection {
+    fn connection(&self) -> &DatabaseConnection {
         match self {
             Self::Direct(connection) | Self::Grouped { connection, .. } => connection,
         }
