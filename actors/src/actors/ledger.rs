@@ -1084,12 +1084,15 @@ fn charge_meters(
     // what its meter already charged unwritten.
     let mut writing = 0i64;
     for meter in state.meters.values_mut() {
-        let Some(charge) = meter.charge(plan, until) else {
+        let Some(charge) = meter.unnamed_charge(plan, until) else {
             continue;
         };
         if billing::is_persisted(&charge, false, write_every) {
             writing = writing.saturating_add(charge.micros.saturating_sub(meter.unwritten_micros));
-            due.push(charge);
+            due.push(UsageCharge {
+                sandbox_id: meter.sandbox_id.clone(),
+                ..charge
+            });
         } else {
             let moved = meter.apply(&charge, false);
             state.unwritten_micros = state.unwritten_micros.saturating_add(moved);
