@@ -197,7 +197,8 @@ pub enum LedgerMsg {
     },
     /// A page of the org's live sandbox rows, read beside the mailbox for
     /// a periodic re-synchronisation (sent by the ledger's own read): the
-    /// rows whose ids are in `span`, for the re-read numbered `resync`.
+    /// rows whose ids are in `span`, for the re-read started at tick
+    /// `resync`.
     Resynced {
         resync: u64,
         span: IdSpan,
@@ -234,13 +235,11 @@ pub struct LedgerState {
     /// moves the meters or the balance waits in `deferred`.
     writing: Option<i64>,
     deferred: std::collections::VecDeque<LedgerMsg>,
-    /// While a periodic re-read of the rows is under way: its number and
-    /// the sandboxes whose metering changed since it began. The rows are
-    /// older than what the ledger heard of these, so the re-read leaves
+    /// While a periodic re-read of the rows is under way: the tick that
+    /// started it and the sandboxes whose metering changed since. The rows
+    /// are older than what the ledger heard of these, so the re-read leaves
     /// them as they are.
     resyncing: Option<(u64, HashSet<String>)>,
-    /// Periodic re-reads started.
-    resyncs: u64,
 }
 
 /// The sandbox ids after `after` (all from the first) up to and including
@@ -548,7 +547,6 @@ impl Actor for LedgerActor {
             writing: None,
             deferred: Default::default(),
             resyncing: None,
-            resyncs: 0,
         };
         Ok(state)
     }
@@ -841,8 +839,7 @@ async fn resync(state: &mut LedgerState) -> Result<(), CorralError> {
 /// each (30 pages read back to back were still a 3 s burst on two cores);
 /// meanwhile the ledger notes which sandboxes it hears of.
 fn start_resync(myself: &ActorRef<LedgerMsg>, state: &mut LedgerState) {
-    state.resyncs += 1;
-    let resync = state.resyncs;
+    let resync = state.ticks;
     state.resyncing = Some((resync, HashSet::new()));
     let store = state.ctx.store.clone();
     let (org_id, myself) = (state.org.id.clone(), myself.clone());
