@@ -377,13 +377,13 @@ async fn sqlite_commits_reach_the_database_file_while_the_store_runs() {
     store.ping().await.expect("the store is still up");
 }
 
-/// A tick's entries go in several transactions; when one fails, the answer
-/// says exactly which entries were committed (the ledger applies those and
-/// charges the rest again under the same keys), and nothing past the failed
-/// transaction was written. A trigger refuses one key, as a database that
+/// A tick's entries go in several statements, each written whole or not at
+/// all; when one fails, the answer says exactly which entries were
+/// committed (the ledger applies those and charges the rest again under the
+/// same keys), and nothing past the failed statement was written. A trigger refuses one key, as a database that
 /// fails mid-write would.
 #[tokio::test]
-async fn a_failed_transaction_leaves_the_committed_part() {
+async fn a_failed_statement_leaves_the_committed_part() {
     let (store, _dir) = sqlite_store().await;
     let org = store.create_org("partial").await.expect("org");
     store
@@ -407,17 +407,17 @@ async fn a_failed_transaction_leaves_the_committed_part() {
         period_end: None,
         carry: None,
     };
-    // Three transactions' worth; the poison is in the second.
+    // Three statements' worth; the poison is in the second.
     let mut batch: Vec<NewLedgerEntry> = (0..3 * per).map(|i| entry(format!("e-{i}"))).collect();
     batch[per + 7] = entry("poison".into());
     let appended = store.append_ledger_entries(batch).await;
-    assert!(appended.failed.is_some(), "the second transaction failed");
+    assert!(appended.failed.is_some(), "the second statement failed");
     assert_eq!(appended.inserted.len(), per, "only the first was committed");
     assert!(appended.inserted.iter().all(|new| *new));
     assert_eq!(
         store.ledger_balance(&org.id).await.expect("balance"),
         -(per as i64),
-        "nothing of the failed or later transactions was written"
+        "nothing of the failed or later statements was written"
     );
 
     // The rest again (as the next tick would), without the poison: the
