@@ -65,9 +65,11 @@ pub struct Store {
 /// under a steady stream of commits it never catches up with the end of the
 /// log, the log never starts over, and it grew by 60 MB/s to 3.6 GB in a
 /// minute of creates. So once a passive checkpoint reports a log longer
-/// than 64 MiB, a RESTART follows it at once: it copies the rest of the log
-/// into the database file and makes the next commit write from its start
-/// again. Right behind the passive one it has only what was committed
+/// than [`Checkpoints::RESTART_ABOVE_FRAMES`], a RESTART follows it at
+/// once: it copies the rest of the log into the database file and makes the
+/// next commit write from its start again, unless a reader still reads the
+/// old log (it waits [`Checkpoints::RESTART_WAIT`] for it, then leaves it
+/// to the next second). Right behind the passive one it has only what was committed
 /// meanwhile to copy (7-9 ms holding the writer at 2,300 creates/s; a
 /// RESTART a second after the last passive one copied a whole second of
 /// log: 50-60 ms).
@@ -90,7 +92,8 @@ struct Checkpoints(tokio::task::AbortHandle);
 
 impl Checkpoints {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-    /// A log longer than this (64 MiB of 4 KiB pages) is started over.
+    /// A log longer than this is started over: 16 MiB of 1 KiB pages (64
+    /// MiB in a database made with 4 KiB pages, before [`PAGE_SIZE`]).
     const RESTART_ABOVE_FRAMES: i64 = 16_384;
 
     fn start(checkpointer: DatabaseConnection, writer: DatabaseConnection) -> Self {
@@ -101,20 +104,44 @@ impl Checkpoints {
                 ticker.tick().await;
                 // Right behind the passive one, the RESTART copies only what
                 // was committed meanwhile.
-                if Self::checkpoint(&checkpointer, "PASSIVE").await > Self::RESTART_ABOVE_FRAMES {
-                    Self::checkpoint(&writer, "RESTART").await;
+                if Self::passive(&checkpointer).await > Self::RESTART_ABOVE_FRAMES {
+                    Self::restart(&writer).await;
                 }
             }
         });
         Self(task.abort_handle())
     }
 
-    /// Runs one checkpoint; answers the frames in the log (0 if it failed).
-    async fn checkpoint(connection: &DatabaseConnection, mode: &str) -> i64 {
+    /// How long a RESTART waits for the readers of the old log to finish
+    /// before it gives up until the next second. It holds the writer
+    /// meanwhile, and SQLite's busy handler waits in sleeps of up to 100 ms:
+    /// with the 5 s of every other statement, one page of a ledger's
+    /// re-read (10,000 rows) held every create for 105-117 ms.
+    const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+    /// Copies the log into the database and starts it over, unless a
+    /// reader still needs it after [`Self::RESTART_WAIT`] (then what was
+    /// copied stays copied and the log starts over on a later second). The
+    /// wait is the connection's busy timeout, set for this statement only
+    /// and in the same call, so no write of the group committer runs with it.
+    async fn restart(writer: &DatabaseConnection) {
+        let sql = format!(
+            "PRAGMA busy_timeout = {}; PRAGMA wal_checkpoint(RESTART); PRAGMA busy_timeout = {}",
+            Self::RESTART_WAIT.as_millis(),
+            BUSY_TIMEOUT.as_millis()
+        );
+        if let Err(err) = writer.execute_unprepared(&sql).await {
+            tracing::debug!(error = %err, "WAL restart failed; retried in a second");
+        }
+    }
+
+    /// Runs a passive checkpoint; answers the frames in the log (0 if it
+    /// failed).
+    async fn passive(connection: &DatabaseConnection) -> i64 {
         let checkpoint = connection
             .query_one(sea_orm::Statement::from_string(
                 DbBackend::Sqlite,
-                format!("PRAGMA wal_checkpoint({mode})"),
+                "PRAGMA wal_checkpoint(PASSIVE)",
             ))
             .await;
         // (busy, frames in the log, frames checkpointed)
@@ -122,7 +149,7 @@ impl Checkpoints {
             Ok(Some(row)) => row.try_get_by_index::<i64>(1).unwrap_or(0),
             Ok(None) => 0,
             Err(err) => {
-                tracing::debug!(error = %err, mode, "WAL checkpoint failed; retried in a second");
+                tracing::debug!(error = %err, "WAL checkpoint failed; retried in a second");
                 0
             }
         };
@@ -203,6 +230,23 @@ fn is_unique_violation(err: &sea_orm::DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// The page size of a new SQLite database (one that exists keeps its own).
+///
+/// A commit appends every page it dirtied to the write-ahead log, whole. A
+/// create dirties a leaf of the sandboxes table, of each of its indexes and
+/// of the audit table, a few hundred bytes of each: with SQLite's default
+/// 4 KiB pages that was 38 KiB of log per create at half the maximum rate
+/// (23,000-34,000 frames a second at 1,500 creates/s), a RESTART checkpoint
+/// every two seconds, and every create queued behind it (throughput, quick:
+/// half-rate p99 105-112 ms, 50-150 requests over 60 ms every two seconds).
+/// With 1 KiB pages the same creates log 15 KiB each and the half-rate p99
+/// was 18.8 ms. Rows longer than about 1 KiB spill into overflow pages, so
+/// a sandbox with a large spec costs a page or two more to read.
+pub const PAGE_SIZE: u32 = 1024;
+
+/// How long a SQLite statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a query waits for a pooled connection.
 pub const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -250,9 +294,10 @@ impl Store {
                 // fsync per commit; sqlx already waits 5 s on a busy lock.
                 .map_sqlx_sqlite_opts(|sqlite| {
                     sqlite
+                        .page_size(PAGE_SIZE)
                         .journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Normal)
-                        .busy_timeout(std::time::Duration::from_secs(5))
+                        .busy_timeout(BUSY_TIMEOUT)
                         // Checkpoints run in the background (`Checkpoints`).
                         .pragma("wal_autocheckpoint", "0")
                         // A log that once grew is cut back to 64 MiB when it
@@ -1054,4 +1099,93 @@ fn labels_match(stored: &serde_json::Value, wanted: &BTreeMap<String, String>) -
     wanted
         .iter()
         .all(|(k, v)| stored.get(k).and_then(|x| x.as_str()) == Some(v.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::TransactionTrait;
+
+    use super::*;
+
+    async fn one_number(connection: &impl ConnectionTrait, sql: &str) -> i64 {
+        connection
+            .query_one(sea_orm::Statement::from_string(DbBackend::Sqlite, sql))
+            .await
+            .expect("query")
+            .expect("a row")
+            .try_get_by_index::<i64>(0)
+            .expect("a number")
+    }
+
+    #[tokio::test]
+    async fn a_new_database_is_made_of_small_pages() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/corral.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.expect("store");
+        let page_size = one_number(store.connection(), "PRAGMA page_size").await;
+        assert_eq!(page_size, i64::from(PAGE_SIZE));
+    }
+
+    #[tokio::test]
+    async fn a_restart_gives_up_on_a_reader_of_the_log_and_starts_it_over_once_it_left() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/corral.db?mode=rwc", dir.path().display());
+        let writer = Database::connect(Store::options(&url, 1))
+            .await
+            .expect("writer");
+        let reader = Database::connect(Store::options(&url, 1))
+            .await
+            .expect("reader");
+        let checkpointer = Database::connect(Store::options(&url, 1))
+            .await
+            .expect("checkpointer");
+        writer
+            .execute_unprepared("CREATE TABLE t (k INTEGER); INSERT INTO t VALUES (1)")
+            .await
+            .expect("setup");
+        // A reader whose snapshot holds frames of the log, then more log.
+        let reading = reader.begin().await.expect("begin");
+        assert_eq!(one_number(&reading, "SELECT count(*) FROM t").await, 1);
+        for k in 2..=20 {
+            writer
+                .execute_unprepared(&format!("INSERT INTO t VALUES ({k})"))
+                .await
+                .expect("insert");
+        }
+
+        // Any wait longer than RESTART_WAIT would be the 5 s busy timeout.
+        let started = std::time::Instant::now();
+        Checkpoints::restart(&writer).await;
+        assert!(
+            started.elapsed() < BUSY_TIMEOUT / 2,
+            "the restart waited {:?} for the reader",
+            started.elapsed()
+        );
+        assert_eq!(
+            one_number(&writer, "PRAGMA busy_timeout").await,
+            BUSY_TIMEOUT.as_millis() as i64,
+            "writes wait as long as before"
+        );
+        assert_eq!(
+            one_number(&reading, "SELECT count(*) FROM t").await,
+            1,
+            "the reader still reads its snapshot"
+        );
+        let kept = Checkpoints::passive(&checkpointer).await;
+        reading.commit().await.expect("end the read");
+        assert!(kept > 20, "the log was not started over: {kept} frames");
+
+        // With the reader gone the log starts over: the next commit writes
+        // from its start.
+        Checkpoints::restart(&writer).await;
+        writer
+            .execute_unprepared("INSERT INTO t VALUES (21)")
+            .await
+            .expect("insert");
+        let frames = Checkpoints::passive(&checkpointer).await;
+        assert!(
+            frames < kept,
+            "{frames} frames after the restart, {kept} before"
+        );
+    }
 }
