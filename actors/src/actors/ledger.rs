@@ -400,9 +400,9 @@ impl Reservations {
 /// SandboxActors' messages; the re-read only catches a lost one).
 const RESYNC_EVERY_TICKS: u64 = 6;
 
-/// Rows a page of the periodic re-read: 24-48 ms of the mailbox each for an
-/// org of 300,000 sandboxes (the rows, and a pass over the org's meters and
-/// reservations for the ones in the page's span).
+/// Rows a page of the periodic re-read: 10-15 ms of the mailbox each for an
+/// org of 300,000 sandboxes (the rows, and the range of the org's meters
+/// and reservations in the page's span).
 const RESYNC_PAGE: usize = 10_000;
 
 /// After reading a page the re-read pauses this many times as long as the
