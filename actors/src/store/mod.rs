@@ -69,8 +69,8 @@ pub struct Store {
 /// once: it copies the rest of the log into the database file and makes the
 /// next commit write from its start again, unless a reader still reads the
 /// old log (it waits [`Checkpoints::RESTART_WAIT`] for it, then leaves it
-/// to the next second). Right behind the passive one it has only what was committed
-/// meanwhile to copy (7-9 ms holding the writer at 2,300 creates/s; a
+/// to the next second). Right behind the passive one it has only what was
+/// committed meanwhile to copy (7-9 ms holding the writer at 2,300 creates/s; a
 /// RESTART a second after the last passive one copied a whole second of
 /// log: 50-60 ms).
 ///
@@ -132,6 +132,11 @@ impl Checkpoints {
         );
         if let Err(err) = writer.execute_unprepared(&sql).await {
             tracing::debug!(error = %err, "WAL restart failed; retried in a second");
+            // What failed may have left the short wait in place.
+            let restore = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+            if let Err(err) = writer.execute_unprepared(&restore).await {
+                tracing::warn!(error = %err, "could not restore the writer's busy timeout");
+            }
         }
     }
 
