@@ -799,6 +799,17 @@ impl Store {
     /// rest was not written if it was not: entries past `inserted` were not
     /// written and are charged again later under the same keys.
     pub async fn append_ledger_entries(&self, entries: Vec<NewLedgerEntry>) -> Appended {
+        self.append_ledger_entries_resting(entries, 0).await
+    }
+
+    /// [`Self::append_ledger_entries`], resting after each statement `rest`
+    /// times as long as the statement took: a background write that leaves
+    /// the one writer to others most of the time.
+    pub async fn append_ledger_entries_resting(
+        &self,
+        entries: Vec<NewLedgerEntry>,
+        rest: u32,
+    ) -> Appended {
         use sea_orm::sea_query::OnConflict;
         use sea_orm::QueryTrait;
         let mut appended = Appended::default();
@@ -819,6 +830,7 @@ impl Store {
             .into_query();
             insert.returning_col(ledger_entry::Column::IdempotencyKey);
             let statement = self.writer.get_database_backend().build(&insert);
+            let started = std::time::Instant::now();
             // One statement: all of it is written or none.
             let written = self.writer.query_all(statement).await.and_then(|rows| {
                 rows.iter()
@@ -837,6 +849,9 @@ impl Store {
             appended
                 .inserted
                 .extend(keys.iter().map(|key| added.remove(key)));
+            if rest > 0 && entries.peek().is_some() {
+                tokio::time::sleep(started.elapsed() * rest).await;
+            }
         }
         appended
     }
