@@ -486,28 +486,6 @@ impl ControlPlane {
         Ok((actor, row))
     }
 
-    async fn wait_on(
-        &self,
-        actor: &ActorRef<SandboxMsg>,
-        make: impl FnOnce(RpcReplyPort<SandboxReply>) -> SandboxMsg,
-        timeout: Duration,
-    ) -> Result<sandbox::Model> {
-        // The actor's own steps are bounded by the host deadlines; the margin
-        // covers queueing behind an earlier operation.
-        match actor
-            .ask(make, Some(timeout + Duration::from_secs(30)))
-            .await
-        {
-            Ok(CallResult::Success(result)) => result,
-            Ok(CallResult::Timeout) => Err(CorralError::HostTimeout(
-                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            )),
-            Ok(CallResult::SenderError) | Err(_) => {
-                Err(CorralError::Internal("sandbox actor unavailable".into()))
-            }
-        }
-    }
-
     /// One of the org's sandboxes; another org's is "not found".
     pub async fn get_sandbox(&self, org_id: &str, id: &str) -> Result<sandbox::Model> {
         self.inner
@@ -525,31 +503,46 @@ impl ControlPlane {
         self.inner.store.list_sandboxes(org_id, filter).await
     }
 
-    async fn adopt(&self, row: sandbox::Model) -> Result<ActorRef<SandboxMsg>> {
-        let host_id = row.host_id.clone().ok_or(CorralError::HostUnavailable)?;
-        let host = call(
-            &self.inner.top.fleet,
-            |reply| FleetMsg::GetHost(host_id, reply),
-            QUICK,
-        )
-        .await?
-        .ok_or(CorralError::HostUnavailable)?;
-        call(
-            &host,
-            |reply| crate::actors::host::HostMsg::SpawnSandbox {
-                row,
-                insert: false,
-                waiter: None,
-                reply: Some(reply),
-                span: tracing::Span::none(),
-            },
-            QUICK,
-        )
-        .await?
-    }
-
-    fn sandbox_actor(&self, id: &str) -> Option<ActorRef<SandboxMsg>> {
-        ractor::registry::where_is(names::sandbox(&self.inner.prefix, id)).map(ActorRef::from)
+    /// Asks the sandbox's actor, woken first if it is dormant. An actor
+    /// that stops without answering (it went dormant, or moved to another
+    /// host, with the request still in its mailbox) did not act on it: the
+    /// request goes again, through the host the row names now.
+    async fn ask_sandbox<T: Send + 'static>(
+        &self,
+        row: &sandbox::Model,
+        make: impl Fn(RpcReplyPort<T>) -> SandboxMsg,
+        timeout: Duration,
+    ) -> Result<T> {
+        const ATTEMPTS: usize = 4;
+        let prefix = &self.inner.prefix;
+        let mut row = row.clone();
+        for attempt in 0..ATTEMPTS {
+            // After a first refusal the registry may still name the actor
+            // that refused: ask its host.
+            let current = if attempt == 0 {
+                crate::actors::host::sandbox_actor(prefix, &row).await?
+            } else {
+                crate::actors::host::wake_sandbox(prefix, &row).await?
+            };
+            match current.ask(&make, Some(timeout)).await {
+                Ok(CallResult::Success(value)) => return Ok(value),
+                Ok(CallResult::Timeout) => {
+                    return Err(CorralError::HostTimeout(
+                        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    ))
+                }
+                Ok(CallResult::SenderError) | Err(_) => {
+                    tracing::debug!(sandbox.id = %row.id, "its actor stopped before answering; asking again");
+                    row = self
+                        .inner
+                        .store
+                        .get_sandbox_any_org(&row.id)
+                        .await?
+                        .ok_or(CorralError::NotFound("sandbox"))?;
+                }
+            }
+        }
+        Err(CorralError::Internal("sandbox actor unavailable".into()))
     }
 
     /// Sets the desired state of one of the org's sandboxes and, with
@@ -573,41 +566,39 @@ impl ControlPlane {
             let ledger = self.ledger(org_id).await?;
             call(&ledger, LedgerMsg::AuthorizeStart, QUICK).await??;
         }
-        let actor = match self.sandbox_actor(id) {
-            Some(actor) => actor,
-            // A sandbox its supervisor gave up on has no actor: start one
-            // from the row so that it can still be deleted.
-            None => self.adopt(row.clone()).await?,
-        };
         let timeout = match desired {
             DesiredState::Running => self.inner.timeouts.start.max(self.inner.timeouts.create),
             DesiredState::Stopped => self.inner.timeouts.stop_grace + self.inner.timeouts.start,
             DesiredState::Destroyed => self.inner.timeouts.destroy + self.inner.timeouts.stop_grace,
         };
+        // The actor's own steps are bounded by the host deadlines; the
+        // margin covers queueing behind an earlier operation.
+        let margin = Duration::from_secs(30);
+        let span = tracing::Span::current();
         if wait {
-            self.wait_on(
-                &actor,
+            self.ask_sandbox(
+                &row,
                 |reply| SandboxMsg::SetDesired {
                     desired,
                     reply,
-                    span: tracing::Span::current(),
+                    span: span.clone(),
                 },
-                timeout,
+                timeout + margin,
             )
-            .await
+            .await?
         } else {
             // Answer once the intent is persisted (it may queue behind a step
             // in flight), so a crash right after the answer loses nothing.
-            self.wait_on(
-                &actor,
+            self.ask_sandbox(
+                &row,
                 |reply| SandboxMsg::SetDesiredNoWait {
                     desired,
                     reply,
-                    span: tracing::Span::current(),
+                    span: span.clone(),
                 },
-                self.inner.timeouts.create.max(timeout),
+                self.inner.timeouts.create.max(timeout) + margin,
             )
-            .await
+            .await?
         }
     }
 
@@ -619,18 +610,16 @@ impl ControlPlane {
                 row.state
             )));
         }
-        let actor = self
-            .sandbox_actor(id)
-            .ok_or_else(|| CorralError::Internal(format!("no actor for live sandbox {id}")))?;
         let timeout = Duration::from_millis(u64::from(spec.timeout_ms))
             + self.inner.timeouts.exec_margin
             + Duration::from_secs(5);
-        call(
-            &actor,
+        let span = tracing::Span::current();
+        self.ask_sandbox(
+            &row,
             |reply| SandboxMsg::Exec {
-                spec,
+                spec: spec.clone(),
                 reply,
-                span: tracing::Span::current(),
+                span: span.clone(),
             },
             timeout,
         )

@@ -48,6 +48,10 @@ pub struct Counters {
     pub hosts_offline: Counter,
     /// Sandboxes whose TTL ran out.
     pub ttl_expired: Counter,
+    /// Sandbox actors that stopped to go dormant, and dormant sandboxes
+    /// woken again.
+    pub sandboxes_slept: Counter,
+    pub sandboxes_woken: Counter,
     /// Transitional states given up after their deadline.
     pub transitions_expired: Counter,
     /// Micro-units charged for usage.
@@ -78,6 +82,8 @@ pub struct Timings {
     pub debits_by_org: CounterVec,
     /// Commands sent to agents that wait for their reply.
     pub pending_requests: AtomicI64,
+    /// Sandboxes held dormant by their hosts (no actor).
+    pub dormant_sandboxes: AtomicI64,
 }
 
 impl Default for Timings {
@@ -106,6 +112,7 @@ impl Default for Timings {
                 &["org"],
             ),
             pending_requests: AtomicI64::new(0),
+            dormant_sandboxes: AtomicI64::new(0),
         }
     }
 }
@@ -209,7 +216,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let c = &self.0;
-        let rows: [(&str, &str, &Counter); 11] = [
+        let rows: [(&str, &str, &Counter); 13] = [
             (
                 "corral_drift_orphans_total",
                 "Containers found on hosts that no live sandbox accounts for.",
@@ -244,6 +251,16 @@ impl Metrics {
                 "corral_ttl_expired_total",
                 "Sandboxes destroyed because their TTL ran out.",
                 &c.ttl_expired,
+            ),
+            (
+                "corral_sandboxes_slept_total",
+                "Sandbox actors that stopped to let their idle sandbox go dormant.",
+                &c.sandboxes_slept,
+            ),
+            (
+                "corral_sandboxes_woken_total",
+                "Dormant sandboxes given an actor again.",
+                &c.sandboxes_woken,
             ),
             (
                 "corral_transitions_expired_total",
@@ -285,6 +302,13 @@ impl Metrics {
             "Commands sent to agents whose reply is awaited.",
             &[],
             &[(vec![], t.pending_requests.load(Ordering::Relaxed) as f64)],
+        );
+        corral_telemetry::prom::gauge(
+            &mut out,
+            "corral_sandboxes_dormant",
+            "Sandboxes held dormant by their hosts, without an actor.",
+            &[],
+            &[(vec![], t.dormant_sandboxes.load(Ordering::Relaxed) as f64)],
         );
         let depths = crate::mailbox::by_kind();
         for (name, help, deepest) in [

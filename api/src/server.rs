@@ -58,6 +58,15 @@ pub struct ServerConfig {
     /// before the step is given up, in milliseconds.
     #[arg(long, env = "CORRAL_TRANSITION_DEADLINE_MS", default_value_t = 600_000)]
     pub transition_deadline_ms: u64,
+    /// How long a sandbox with nothing to do keeps its actor before it goes
+    /// dormant (held by its host in a few bytes, woken from its row when
+    /// something concerns it), in milliseconds; 0 keeps every actor.
+    #[arg(
+        long,
+        env = "CORRAL_SANDBOX_DORMANT_AFTER_MS",
+        default_value_t = 30_000
+    )]
+    pub sandbox_dormant_after_ms: u64,
     /// How often running sandboxes are charged, in milliseconds.
     #[arg(long, env = "CORRAL_BILLING_INTERVAL_MS", default_value_t = 10_000)]
     pub billing_interval_ms: u64,
@@ -164,6 +173,7 @@ impl ServerConfig {
             reconcile_interval_ms: 30_000,
             orphan_grace_ms: 60_000,
             transition_deadline_ms: 600_000,
+            sandbox_dormant_after_ms: 30_000,
             billing_interval_ms: 10_000,
             billing_write_every_ms: 60_000,
             billing_warning_micros: 1_000_000,
@@ -292,6 +302,12 @@ impl ServerConfig {
                 86_400_000,
             ),
             (
+                "--sandbox-dormant-after-ms",
+                self.sandbox_dormant_after_ms,
+                0,
+                86_400_000,
+            ),
+            (
                 "--billing-interval-ms",
                 self.billing_interval_ms,
                 100,
@@ -397,6 +413,8 @@ impl Server {
             reconcile_interval: Duration::from_millis(config.reconcile_interval_ms),
             orphan_grace: Duration::from_millis(config.orphan_grace_ms),
             transition_deadline: Duration::from_millis(config.transition_deadline_ms),
+            dormant_after: (config.sandbox_dormant_after_ms > 0)
+                .then(|| Duration::from_millis(config.sandbox_dormant_after_ms)),
             ..Timeouts::default()
         };
         let billing = BillingPolicy {

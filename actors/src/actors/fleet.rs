@@ -112,13 +112,7 @@ impl Actor for FleetSupervisor {
                     group: super::scheduler::group_of(&row),
                 })?;
             }
-            host.tell(HostMsg::SpawnSandbox {
-                row,
-                insert: false,
-                waiter: None,
-                reply: None,
-                span: tracing::Span::none(),
-            })?;
+            host.tell(HostMsg::Restore { row })?;
         }
         tracing::info!(
             hosts = state.hosts.len(),
@@ -126,7 +120,7 @@ impl Actor for FleetSupervisor {
             hosts_ms = hosts_loaded.as_millis(),
             rows_ms = (rows_loaded - hosts_loaded).as_millis(),
             total_ms = started.elapsed().as_millis(),
-            "fleet rebuilt from the database; sandbox actors start behind their hosts' mailboxes"
+            "fleet rebuilt from the database; sandboxes are restored behind their hosts' mailboxes"
         );
         Ok(state)
     }
@@ -233,13 +227,7 @@ impl Actor for FleetSupervisor {
                         Ok(host) => {
                             for row in state.args.store.load_live_sandboxes().await? {
                                 if row.host_id.as_deref() == Some(host_id.as_str()) {
-                                    let _ = host.tell(HostMsg::SpawnSandbox {
-                                        row,
-                                        insert: false,
-                                        waiter: None,
-                                        reply: None,
-                                        span: tracing::Span::none(),
-                                    });
+                                    let _ = host.tell(HostMsg::Restore { row });
                                 }
                             }
                         }

@@ -13,6 +13,13 @@
 //!   has been seen for `orphan_grace`;
 //! - a disconnected host is `disconnected` at once (no placements) and
 //!   `offline` after `offline_grace`, when its sandboxes become `lost`.
+//!
+//! A sandbox with nothing to do goes dormant (see the `sandbox` module):
+//! the host keeps it as a [`Slot::Dormant`] and wakes an actor from its row
+//! for whatever concerns it ([`HostMsg::Wake`], a report that disagrees
+//! with the row, its TTL, the host going offline or being drained). While
+//! an actor is being put to sleep, what concerns it waits in its slot, so
+//! nothing sent through the host is lost.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,7 +30,7 @@ use tokio::sync::mpsc;
 
 use super::connection::{ConnMsg, ConnectionActor, ConnectionArgs, HostReply};
 use super::fleet::FleetMsg;
-use super::sandbox::{SandboxActor, SandboxArgs, SandboxMsg, SandboxReply};
+use super::sandbox::{Dormant, SandboxActor, SandboxArgs, SandboxMsg, SandboxReply, DORMANT};
 use super::scheduler::{HostInfo, SchedulerMsg};
 use super::supervision::{RestartBudget, RestartPolicy};
 use super::{names, Timeouts};
@@ -98,9 +105,80 @@ pub enum HostMsg {
         drain_deadline: Option<Duration>,
         reply: RpcReplyPort<Result<crate::store::host::Model, CorralError>>,
     },
+    /// The actor of a sandbox of this host, woken from its row if it is
+    /// dormant (or has no actor, as one its supervisor gave up on).
+    Wake {
+        sandbox_id: String,
+        reply: RpcReplyPort<Result<ActorRef<SandboxMsg>, CorralError>>,
+    },
+    /// A sandbox of this host read from the database at start-up: held
+    /// dormant if it has nothing to do, else its actor starts.
+    Restore {
+        row: sandbox::Model,
+    },
+    /// The sandbox's actor `actor` has had nothing to do for a while.
+    Resting {
+        sandbox_id: String,
+        actor: ActorId,
+        dormant: Dormant,
+    },
+    /// The sandbox's actor, told to sleep, had something to do after all.
+    StayedAwake {
+        sandbox_id: String,
+        actor: ActorId,
+    },
+    /// The TTL of a dormant sandbox ran out.
+    Expire {
+        sandbox_id: String,
+    },
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
+}
+
+/// A sandbox placed on this host, as the host holds it.
+enum Slot {
+    /// Its actor runs.
+    Awake(ActorRef<SandboxMsg>),
+    /// Its actor was told to sleep; what concerns the sandbox meanwhile
+    /// waits here until it has stopped (or stayed awake).
+    Falling {
+        actor: ActorRef<SandboxMsg>,
+        dormant: Dormant,
+        waiting: Vec<Waiting>,
+    },
+    /// No actor.
+    Dormant {
+        dormant: Dormant,
+        _held: DormantHold,
+    },
+}
+
+/// Something for a sandbox whose actor is falling asleep.
+enum Waiting {
+    Deliver(SandboxMsg),
+    Wake(RpcReplyPort<Result<ActorRef<SandboxMsg>, CorralError>>),
+}
+
+/// What a dormant sandbox holds while it is dormant, and lets go of
+/// however its slot ends (woken, or the host actor gone): its place in
+/// `corral_sandboxes_dormant`, and the timer that wakes it when its TTL
+/// runs out.
+struct DormantHold {
+    metrics: Metrics,
+    ttl: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for DormantHold {
+    fn drop(&mut self) {
+        self.metrics
+            .timings
+            .dormant_sandboxes
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ttl) = &self.ttl {
+            ttl.abort();
+        }
+    }
 }
 
 pub struct HostArgs {
@@ -123,7 +201,7 @@ pub struct HostActorState {
     args: HostArgs,
     connection: Option<(u64, ActorRef<ConnMsg>)>,
     generation: u64,
-    sandboxes: HashMap<String, ActorRef<SandboxMsg>>,
+    sandboxes: HashMap<String, Slot>,
     by_actor: HashMap<ActorId, String>,
     restarts: RestartBudget<String>,
     /// Containers on the host that no sandbox row accounts for, with when
@@ -191,7 +269,7 @@ impl Actor for HostActor {
             }
             HostMsg::OfflineDeadline { generation } => {
                 if state.connection.is_none() && state.generation == generation {
-                    self.offline(state).await;
+                    self.offline(&myself, state).await;
                 }
             }
             HostMsg::Dispatch {
@@ -249,24 +327,67 @@ impl Actor for HostActor {
                 drain_deadline,
                 reply,
             } => {
-                let result = self.set_admin(state, admin, drain_deadline).await;
+                let result = self.set_admin(&myself, state, admin, drain_deadline).await;
                 let _ = reply.send(result);
             }
             HostMsg::AgentEvent(event) => {
                 let Some(status) = event.status else {
                     return Ok(());
                 };
-                match state.sandboxes.get(&status.sandbox_id) {
-                    Some(sandbox) => {
-                        let _ = sandbox.tell(SandboxMsg::Observed {
-                            status,
-                            reason: event.reason,
-                            as_of: Instant::now(),
-                        });
+                if state.sandboxes.contains_key(&status.sandbox_id) {
+                    self.observed(&myself, state, status, event.reason, Instant::now())
+                        .await;
+                } else {
+                    tracing::warn!(host.id = %state.args.host_id, sandbox.id = %status.sandbox_id, "event about a sandbox this host does not hold");
+                }
+            }
+            HostMsg::Wake { sandbox_id, reply } => {
+                if let Some(Slot::Falling { waiting, .. }) = state.sandboxes.get_mut(&sandbox_id) {
+                    waiting.push(Waiting::Wake(reply));
+                } else {
+                    let _ = reply.send(self.wake(&myself, state, &sandbox_id).await);
+                }
+            }
+            HostMsg::Restore { row } => self.restore(&myself, state, row).await,
+            HostMsg::Resting {
+                sandbox_id,
+                actor,
+                dormant,
+            } => {
+                let slot = state.sandboxes.remove(&sandbox_id);
+                let slot = match slot {
+                    Some(Slot::Awake(sandbox)) if sandbox.get_id() == actor => {
+                        let _ = sandbox.tell(SandboxMsg::Sleep);
+                        Some(Slot::Falling {
+                            actor: sandbox,
+                            dormant,
+                            waiting: Vec::new(),
+                        })
                     }
-                    None => {
-                        tracing::warn!(host.id = %state.args.host_id, sandbox.id = %status.sandbox_id, "event about a sandbox this host does not hold");
+                    other => other,
+                };
+                if let Some(slot) = slot {
+                    state.sandboxes.insert(sandbox_id, slot);
+                }
+            }
+            HostMsg::StayedAwake { sandbox_id, actor } => {
+                if let Some(Slot::Falling { actor: sandbox, .. }) = state.sandboxes.get(&sandbox_id)
+                {
+                    if sandbox.get_id() == actor {
+                        let sandbox = sandbox.clone();
+                        if let Some(Slot::Falling { waiting, .. }) = state
+                            .sandboxes
+                            .insert(sandbox_id, Slot::Awake(sandbox.clone()))
+                        {
+                            hand_over(&sandbox, waiting);
+                        }
                     }
+                }
+            }
+            HostMsg::Expire { sandbox_id } => {
+                if matches!(state.sandboxes.get(&sandbox_id), Some(Slot::Dormant { .. })) {
+                    self.deliver(&myself, state, &sandbox_id, SandboxMsg::Expire)
+                        .await;
                 }
             }
             HostMsg::ReconcileTick => self.request_inventory(&myself, state),
@@ -300,11 +421,20 @@ impl Actor for HostActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 state.args.metrics.registry.gone(&cell);
                 if let Some(id) = state.by_actor.remove(&cell.get_id()) {
-                    state.sandboxes.remove(&id);
                     state.restarts.forget(&id);
+                    match state.sandboxes.remove(&id) {
+                        Some(Slot::Falling {
+                            dormant, waiting, ..
+                        }) if reason.as_deref() == Some(DORMANT) => {
+                            self.fell_asleep(&myself, state, id, dormant, waiting).await;
+                        }
+                        // Those waiting on a sandbox that was destroyed or
+                        // moved see their reply dropped and look again.
+                        Some(_) | None => {}
+                    }
                 }
             }
             SupervisionEvent::ActorFailed(cell, error) => {
@@ -517,17 +647,15 @@ impl HostActor {
             .into_iter()
             .map(|s| (s.sandbox_id.clone(), s))
             .collect();
-        for (id, sandbox) in &state.sandboxes {
-            let status = reported.remove(id).unwrap_or(pb::SandboxStatus {
-                sandbox_id: id.clone(),
+        let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+        for id in held {
+            let status = reported.remove(&id).unwrap_or(pb::SandboxStatus {
+                sandbox_id: id,
                 phase: pb::SandboxPhase::Absent as i32,
                 ..Default::default()
             });
-            let _ = sandbox.tell(SandboxMsg::Observed {
-                status,
-                reason: "inventory".into(),
-                as_of,
-            });
+            self.observed(myself, state, status, "inventory".into(), as_of)
+                .await;
         }
         // What is left has no actor here: adopt it or treat it as an orphan.
         let now = Instant::now();
@@ -631,7 +759,7 @@ impl HostActor {
     }
 
     /// The grace ran out: the host is `offline` and its sandboxes `lost`.
-    async fn offline(&self, state: &mut HostActorState) {
+    async fn offline(&self, myself: &ActorRef<HostMsg>, state: &mut HostActorState) {
         let host_id = state.args.host_id.clone();
         match state.args.store.get_host(&host_id).await {
             Ok(Some(row)) if row.state == HostState::Offline.as_str() => {}
@@ -651,8 +779,10 @@ impl HostActor {
                 tracing::error!(host.id = %host_id, error = %err, "could not read the host row");
             }
         }
-        for sandbox in state.sandboxes.values() {
-            let _ = sandbox.tell(SandboxMsg::HostOffline);
+        let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+        for id in held {
+            self.deliver(myself, state, &id, SandboxMsg::HostOffline)
+                .await;
         }
     }
 
@@ -661,6 +791,7 @@ impl HostActor {
     /// on the host according to its restart policy.
     async fn set_admin(
         &self,
+        myself: &ActorRef<HostMsg>,
         state: &mut HostActorState,
         admin: HostAdminState,
         drain_deadline: Option<Duration>,
@@ -674,8 +805,10 @@ impl HostActor {
         tracing::info!(host.id = %host_id, admin = %admin, "host state changed by an operator");
         if admin == HostAdminState::Draining {
             let grace = drain_deadline.unwrap_or(state.args.timeouts.stop_grace);
-            for sandbox in state.sandboxes.values() {
-                let _ = sandbox.tell(SandboxMsg::Drain { grace });
+            let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+            for id in held {
+                self.deliver(myself, state, &id, SandboxMsg::Drain { grace })
+                    .await;
             }
         }
         Ok(row)
@@ -761,8 +894,14 @@ impl HostActor {
         } = creator;
         let id = row.id.clone();
         let org_id = row.org_id.clone();
-        if let Some(existing) = state.sandboxes.get(&id) {
-            return Ok(existing.clone());
+        match state.sandboxes.get(&id) {
+            Some(Slot::Awake(actor) | Slot::Falling { actor, .. }) => return Ok(actor.clone()),
+            // Every caller read `row` after the sandbox fell asleep (a
+            // restore, a restart, a wake), so it is the latest.
+            Some(Slot::Dormant { .. }) => {
+                state.sandboxes.remove(&id);
+            }
+            None => {}
         }
         let name = names::sandbox(&state.args.prefix, &id);
         super::await_name_free(&name).await;
@@ -800,8 +939,233 @@ impl HostActor {
             .registry
             .started(&actor.get_cell(), Some(&org_id));
         state.by_actor.insert(actor.get_id(), id.clone());
-        state.sandboxes.insert(id, actor.clone());
+        state.sandboxes.insert(id, Slot::Awake(actor.clone()));
         Ok(actor)
+    }
+
+    /// A sandbox's report (an event, or part of an inventory taken at
+    /// `as_of`) goes to its actor; a dormant sandbox is woken only if the
+    /// report disagrees with its row.
+    async fn observed(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        status: pb::SandboxStatus,
+        reason: String,
+        as_of: Instant,
+    ) {
+        if let Some(Slot::Dormant { dormant, .. }) = state.sandboxes.get(&status.sandbox_id) {
+            if !dormant.concerned_by(&status, as_of) {
+                return;
+            }
+        }
+        let id = status.sandbox_id.clone();
+        let message = SandboxMsg::Observed {
+            status,
+            reason,
+            as_of,
+        };
+        self.deliver(myself, state, &id, message).await;
+    }
+
+    /// Sends `message` to the sandbox's actor, waking it if it is dormant
+    /// or holding it while it falls asleep.
+    async fn deliver(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        id: &str,
+        message: SandboxMsg,
+    ) {
+        match state.sandboxes.get_mut(id) {
+            Some(Slot::Awake(actor)) => {
+                let _ = actor.tell(message);
+            }
+            Some(Slot::Falling { waiting, .. }) => waiting.push(Waiting::Deliver(message)),
+            Some(Slot::Dormant { .. }) => match self.wake(myself, state, id).await {
+                Ok(actor) => {
+                    let _ = actor.tell(message);
+                }
+                Err(err) => {
+                    tracing::error!(host.id = %state.args.host_id, sandbox.id = %id, error = %err, "could not wake a dormant sandbox");
+                }
+            },
+            None => {}
+        }
+    }
+
+    /// The actor of a sandbox of this host, started from its row unless it
+    /// runs (the row is read here, after any earlier actor of it stopped,
+    /// so it is the latest). A sandbox whose row is gone, destroyed or
+    /// placed elsewhere is not this host's: not found.
+    async fn wake(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        id: &str,
+    ) -> Result<ActorRef<SandboxMsg>, CorralError> {
+        if let Some(Slot::Awake(actor) | Slot::Falling { actor, .. }) = state.sandboxes.get(id) {
+            return Ok(actor.clone());
+        }
+        let row = state.args.store.get_sandbox_any_org(id).await?;
+        // Its hold (count, timer) goes with the slot.
+        if let Some(Slot::Dormant { .. }) = state.sandboxes.remove(id) {
+            state.args.metrics.sandboxes_woken.inc();
+        }
+        match row {
+            Some(row)
+                if classify_unaccounted(Some(&row), &state.args.host_id) == Unaccounted::Adopt =>
+            {
+                let creator = Creator {
+                    waiter: None,
+                    tried: Default::default(),
+                    span: tracing::Span::none(),
+                };
+                self.spawn_sandbox_with(myself, state, row, false, creator)
+                    .await
+            }
+            _ => Err(CorralError::NotFound("sandbox")),
+        }
+    }
+
+    /// A sandbox read at start-up: dormant if it has nothing to do (and
+    /// sandboxes may be), else its actor starts and converges.
+    async fn restore(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        row: sandbox::Model,
+    ) {
+        if state.sandboxes.contains_key(&row.id) {
+            return;
+        }
+        if state.args.timeouts.dormant_after.is_some() {
+            // Its last change was when the row was written, not now.
+            if let Some(dormant) = Dormant::of(&row, super::sandbox::written_at(&row)) {
+                let held = self.hold(myself, state, &row.id, &dormant);
+                state.sandboxes.insert(
+                    row.id,
+                    Slot::Dormant {
+                        dormant,
+                        _held: held,
+                    },
+                );
+                return;
+            }
+        }
+        let id = row.id.clone();
+        if let Err(err) = self
+            .spawn_sandbox(myself, state, row, false, None, tracing::Span::none())
+            .await
+        {
+            tracing::error!(host.id = %state.args.host_id, sandbox.id = %id, error = %err, "could not start the actor of a restored sandbox");
+        }
+    }
+
+    /// The actor of sandbox `id` stopped to go dormant: the sandbox rests
+    /// here, and is woken at once if something came for it meanwhile.
+    async fn fell_asleep(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &mut HostActorState,
+        id: String,
+        dormant: Dormant,
+        waiting: Vec<Waiting>,
+    ) {
+        state.args.metrics.sandboxes_slept.inc();
+        let held = self.hold(myself, state, &id, &dormant);
+        state.sandboxes.insert(
+            id.clone(),
+            Slot::Dormant {
+                dormant,
+                _held: held,
+            },
+        );
+        if waiting.is_empty() {
+            return;
+        }
+        match self.wake(myself, state, &id).await {
+            Ok(actor) => hand_over(&actor, waiting),
+            // Those waiting see their reply dropped; messages of the
+            // host's own are sent again by the next round.
+            Err(err) => {
+                tracing::error!(host.id = %state.args.host_id, sandbox.id = %id, error = %err, "could not wake a sandbox that was wanted while it fell asleep");
+            }
+        }
+    }
+
+    /// Counts sandbox `id` dormant and sets what wakes it when its TTL
+    /// runs out.
+    fn hold(
+        &self,
+        myself: &ActorRef<HostMsg>,
+        state: &HostActorState,
+        id: &str,
+        dormant: &Dormant,
+    ) -> DormantHold {
+        let metrics = state.args.metrics.clone();
+        metrics
+            .timings
+            .dormant_sandboxes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ttl = dormant.expires_at.map(|expires_at| {
+            let delay = (expires_at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            let sandbox_id = id.to_string();
+            myself
+                .tell_after(delay, move || HostMsg::Expire { sandbox_id })
+                .abort_handle()
+        });
+        DormantHold { metrics, ttl }
+    }
+}
+
+/// The actor of the sandbox of `row`, by its registered name or woken by
+/// the host the row names (if it is dormant, or its supervisor gave it up).
+pub async fn sandbox_actor(
+    prefix: &str,
+    row: &sandbox::Model,
+) -> Result<ActorRef<SandboxMsg>, CorralError> {
+    if let Some(cell) = ractor::registry::where_is(names::sandbox(prefix, &row.id)) {
+        return Ok(cell.into());
+    }
+    wake_sandbox(prefix, row).await
+}
+
+/// Asks the host the row names for the sandbox's actor ([`HostMsg::Wake`]).
+pub async fn wake_sandbox(
+    prefix: &str,
+    row: &sandbox::Model,
+) -> Result<ActorRef<SandboxMsg>, CorralError> {
+    let host_id = row.host_id.as_deref().ok_or(CorralError::HostUnavailable)?;
+    let host: ActorRef<HostMsg> = ractor::registry::where_is(names::host(prefix, host_id))
+        .ok_or(CorralError::HostUnavailable)?
+        .into();
+    let sandbox_id = row.id.clone();
+    match host
+        .ask(
+            |reply| HostMsg::Wake { sandbox_id, reply },
+            Some(Duration::from_secs(10)),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        _ => Err(CorralError::HostUnavailable),
+    }
+}
+
+/// Gives what waited for a sandbox's actor to that actor.
+fn hand_over(actor: &ActorRef<SandboxMsg>, waiting: Vec<Waiting>) {
+    for waited in waiting {
+        match waited {
+            Waiting::Deliver(message) => {
+                let _ = actor.tell(message);
+            }
+            Waiting::Wake(reply) => {
+                let _ = reply.send(Ok(actor.clone()));
+            }
+        }
     }
 }
 

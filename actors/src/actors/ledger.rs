@@ -1294,17 +1294,30 @@ fn suspend_running(state: &LedgerState) {
         .values()
         .filter(|m| m.phase == MeterPhase::Running)
     {
-        let name = names::sandbox(&state.ctx.prefix, &meter.sandbox_id);
-        if let Some(cell) = ractor::registry::where_is(name) {
-            let actor: ActorRef<SandboxMsg> = cell.into();
+        tracing::info!(org.id = %state.org.id, sandbox.id = %meter.sandbox_id, "stopping a sandbox of a suspended org");
+        let stop = || {
             let (reply, _) = tokio::sync::oneshot::channel();
-            tracing::info!(org.id = %state.org.id, sandbox.id = %meter.sandbox_id, "stopping a sandbox of a suspended org");
-            let _ = actor.tell(SandboxMsg::SetDesired {
+            SandboxMsg::SetDesired {
                 desired: DesiredState::Stopped,
                 reply: reply.into(),
                 span: tracing::Span::none(),
-            });
+            }
+        };
+        let name = names::sandbox(&state.ctx.prefix, &meter.sandbox_id);
+        if let Some(cell) = ractor::registry::where_is(name) {
+            let _ = ActorRef::<SandboxMsg>::from(cell).tell(stop());
+            continue;
         }
+        // A dormant sandbox is woken by its host (found from its row).
+        let (store, prefix) = (state.ctx.store.clone(), state.ctx.prefix.clone());
+        let sandbox_id = meter.sandbox_id.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(row)) = store.get_sandbox_any_org(&sandbox_id).await {
+                if let Ok(actor) = super::host::wake_sandbox(&prefix, &row).await {
+                    let _ = actor.tell(stop());
+                }
+            }
+        });
     }
 }
 

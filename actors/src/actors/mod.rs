@@ -9,6 +9,7 @@
 //!     └── HostActor{host}       host row, current connection, its sandboxes
 //!         ├── ConnectionActor   owns the gRPC stream (at most one live)
 //!         └── SandboxActor{sbx} one per sandbox that is not destroyed
+//!                               and not dormant (see `sandbox`)
 //! ```
 //!
 //! Each actor lives in its own module with its messages beside it.
@@ -49,6 +50,11 @@ pub struct Timeouts {
     /// past it, the step is given up: `failed` with a reason (or `destroyed`
     /// for a destroy, whose leftovers the orphan collector removes).
     pub transition_deadline: Duration,
+    /// How long a sandbox that has nothing to do (converged, no step,
+    /// retry or request in flight) keeps its actor before it goes dormant:
+    /// its host then holds it as a few bytes and wakes an actor from its
+    /// row when something concerns it again. `None`: never dormant.
+    pub dormant_after: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -64,6 +70,7 @@ impl Default for Timeouts {
             reconcile_interval: Duration::from_secs(30),
             orphan_grace: Duration::from_secs(60),
             transition_deadline: Duration::from_secs(600),
+            dormant_after: Some(Duration::from_secs(30)),
         }
     }
 }

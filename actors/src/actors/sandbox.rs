@@ -17,6 +17,16 @@
 //! its own (exits, absences, a sandbox that comes back after its host was
 //! offline). Observations older than the actor's last change are stale and
 //! ignored, so an inventory taken before a step finished cannot undo it.
+//!
+//! A sandbox with nothing to do (converged; no step, retry or request in
+//! flight) for [`Timeouts::dormant_after`] goes dormant: it asks its host
+//! ([`HostMsg::Resting`]), which holds what may still concern it from then
+//! on and answers [`SandboxMsg::Sleep`]; the actor stops unless something
+//! happened in between. The host keeps a [`Dormant`] of it (a few dozen
+//! bytes, against kilobytes for an actor) and wakes an actor from the row
+//! when a request, a report that disagrees, the TTL or the host's own fate
+//! concerns it again. Its row is the whole of its state, as it is after a
+//! restart, so a woken actor is the sandbox as it was.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -79,6 +89,12 @@ pub enum SandboxMsg {
     Drain { grace: Duration },
     /// The TTL timer fired.
     Expire,
+    /// Time to see whether the sandbox has had nothing to do for
+    /// [`Timeouts::dormant_after`].
+    Rest,
+    /// Its host agreed that it goes dormant: its actor stops, unless
+    /// something concerned it since it asked.
+    Sleep,
     /// Fault injection for the supervision tests: panic in the handler.
     #[doc(hidden)]
     InjectPanic,
@@ -151,6 +167,59 @@ pub struct SandboxActorState {
     /// How long a stop waits for the process to exit before killing it:
     /// the server's stop grace, or a drain's shorter deadline.
     stop_grace: Duration,
+    /// When a request, a change or a command last concerned the sandbox
+    /// (reports that agree with the row do not count): idle since then.
+    touched: Instant,
+    /// A [`SandboxMsg::Rest`] is on its way.
+    rest_timer: bool,
+    /// `touched` as it was when the actor told its host it was idle; the
+    /// host's [`SandboxMsg::Sleep`] is obeyed only if it has not moved.
+    resting: Option<Instant>,
+}
+
+/// Why an actor that goes dormant stops (its host tells it from the other
+/// ends of a sandbox's actor).
+pub const DORMANT: &str = "dormant";
+
+/// What the host keeps of a dormant sandbox: enough to tell whether a
+/// report of the host concerns it, and when its TTL runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dormant {
+    pub state: SandboxState,
+    /// The actor's last change: reports taken before it are stale.
+    pub since: Instant,
+    pub expires_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl Dormant {
+    /// The sandbox of `row` as a dormant one, if it has nothing to do: in a
+    /// settled state (not a step, not waiting for one), already where it
+    /// should be. `since` is when the row last changed.
+    pub fn of(row: &sandbox::Model, since: Instant) -> Option<Self> {
+        let state = state_of(row);
+        let settled = !state.is_terminal()
+            && !state.is_transitional()
+            && !matches!(state, SandboxState::Pending | SandboxState::Scheduled)
+            && next_step(state, desired_of(row)).is_none();
+        settled.then_some(Self {
+            state,
+            since,
+            expires_at: row.expires_at,
+        })
+    }
+
+    /// Whether the host's report `status`, taken at `as_of`, needs the
+    /// sandbox's actor: anything but agreement with where it rests (the
+    /// decision an actor would take, [`observation`]).
+    pub fn concerned_by(&self, status: &pb::SandboxStatus, as_of: Instant) -> bool {
+        as_of >= self.since
+            && observed_state(status.phase).is_some_and(|observed| {
+                !matches!(
+                    observation(self.state, observed),
+                    Observation::Agrees | Observation::Nothing
+                )
+            })
+    }
 }
 
 pub struct SandboxActor;
@@ -275,12 +344,12 @@ impl Actor for SandboxActor {
         } else {
             args.row
         };
-        // A transitional state loaded from the database started when the
-        // row was last written, not now: a restart does not reset its clock.
-        let transition_since = state_of(&row).is_transitional().then(|| {
-            let age = (Utc::now() - row.updated_at).to_std().unwrap_or_default();
-            Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
-        });
+        // A row loaded from the database last changed when it was written,
+        // not now: a restart does not reset the clock of a transitional
+        // state, and a report taken since that write (the one that woke a
+        // dormant sandbox) is not stale.
+        let written = written_at(&row);
+        let transition_since = state_of(&row).is_transitional().then_some(written);
         Ok(SandboxActorState {
             _mailbox: mailbox,
             row,
@@ -290,7 +359,7 @@ impl Actor for SandboxActor {
             orgs: args.orgs,
             timeouts: args.timeouts.clone(),
             metrics: args.metrics,
-            last_change: Instant::now(),
+            last_change: written,
             transition_since,
             faults: 0,
             retry_scheduled: false,
@@ -301,6 +370,9 @@ impl Actor for SandboxActor {
             tried: args.tried,
             relocating: None,
             stop_grace: args.timeouts.stop_grace,
+            touched: Instant::now(),
+            rest_timer: false,
+            resting: None,
         })
     }
 
@@ -343,6 +415,12 @@ impl SandboxActor {
         message: SandboxMsg,
         state: &mut SandboxActorState,
     ) {
+        if !matches!(
+            message,
+            SandboxMsg::Observed { .. } | SandboxMsg::Rest | SandboxMsg::Sleep
+        ) {
+            state.touched = Instant::now();
+        }
         match message {
             SandboxMsg::Converge(reply) => {
                 state.retry_scheduled = false;
@@ -411,11 +489,71 @@ impl SandboxActor {
                 self.drain(&myself, state).await;
             }
             SandboxMsg::Expire => self.expire(&myself, state).await,
+            SandboxMsg::Rest => {
+                state.rest_timer = false;
+                self.rest(&myself, state);
+            }
+            SandboxMsg::Sleep => {
+                let asked = state.resting.take();
+                if asked == Some(state.touched) && self.dormant(state).is_some() {
+                    myself.stop(Some(DORMANT.into()));
+                    return;
+                }
+                let _ = state.host.tell(HostMsg::StayedAwake {
+                    sandbox_id: state.row.id.clone(),
+                    actor: myself.get_id(),
+                });
+            }
             SandboxMsg::InjectPanic => panic!("injected fault in sandbox {}", state.row.id),
         }
         if state_of(&state.row).is_terminal() {
             myself.stop(Some("destroyed".into()));
+            return;
         }
+        self.arm_rest(&myself, state);
+    }
+
+    /// The sandbox as its host would keep it dormant, if it has nothing to
+    /// do and nothing is in flight.
+    fn dormant(&self, state: &SandboxActorState) -> Option<Dormant> {
+        if state.retry_scheduled || state.waiter.is_some() || state.relocating.is_some() {
+            return None;
+        }
+        Dormant::of(&state.row, state.last_change)
+    }
+
+    /// Sets a [`SandboxMsg::Rest`] for when the sandbox will have been idle
+    /// for `dormant_after`, if it is idle and none is set.
+    fn arm_rest(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        let Some(after) = state.timeouts.dormant_after else {
+            return;
+        };
+        if state.rest_timer || state.resting == Some(state.touched) || self.dormant(state).is_none()
+        {
+            return;
+        }
+        state.rest_timer = true;
+        let left = after.saturating_sub(state.touched.elapsed());
+        myself.tell_after(left, || SandboxMsg::Rest);
+    }
+
+    /// Idle for long enough: tells the host, which answers `Sleep`.
+    fn rest(&self, myself: &ActorRef<SandboxMsg>, state: &mut SandboxActorState) {
+        let Some(after) = state.timeouts.dormant_after else {
+            return;
+        };
+        if state.touched.elapsed() < after || state.resting == Some(state.touched) {
+            return;
+        }
+        let Some(dormant) = self.dormant(state) else {
+            return;
+        };
+        state.resting = Some(state.touched);
+        let _ = state.host.tell(HostMsg::Resting {
+            sandbox_id: state.row.id.clone(),
+            actor: myself.get_id(),
+            dormant,
+        });
     }
 
     async fn set_desired(
@@ -1035,6 +1173,7 @@ impl SandboxActor {
         row.updated_at = Utc::now();
         let before = state_of(&state.row);
         let saved = state.store.save_sandbox(row).await?;
+        state.touched = Instant::now();
         let after = state_of(&saved);
         if after != before {
             state.last_change = Instant::now();
@@ -1086,6 +1225,12 @@ impl SandboxActor {
             .min(Duration::from_secs(30));
         myself.tell_after(backoff, || SandboxMsg::Converge(None));
     }
+}
+
+/// When `row` was last written, on this process's monotonic clock.
+pub fn written_at(row: &sandbox::Model) -> Instant {
+    let age = (Utc::now() - row.updated_at).to_std().unwrap_or_default();
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
 fn is_expired(row: &sandbox::Model) -> bool {

@@ -1,7 +1,9 @@
 //! `density`: M live sandboxes (created through the REST API on simulated
 //! agents) held by `corral server` as a child process. Control-plane memory
-//! per sandbox (RSS growth / M) and the latency of `GET /v1/sandboxes` (a
-//! page) and `GET /v1/sandboxes/{id}` with all of them in the database.
+//! per sandbox (RSS growth / M) once the sandboxes, with nothing more to do,
+//! went dormant (after [`DORMANT_AFTER_MS`]), and the latency of
+//! `GET /v1/sandboxes` (a page) and `GET /v1/sandboxes/{id}` with all of
+//! them in the database.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,9 @@ use crate::{free_port, Api};
 
 pub const TARGET_BYTES_PER_SANDBOX: f64 = 4096.0;
 pub const TARGET_QUERY_MS: f64 = 10.0;
+/// The server's `--sandbox-dormant-after-ms` here: shorter than its 30 s
+/// default only so that the scenario does not wait half a minute.
+pub const DORMANT_AFTER_MS: u64 = 5_000;
 
 pub async fn run(params: &Params) -> Report {
     let (sandboxes, hosts) = if params.quick {
@@ -47,8 +52,10 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
     let data = dir.path().join("cp");
     let tokens = seed_host_tokens(&data, hosts).await?;
     // One API key fills the control plane: lift the per-key rate limit.
-    let (server, _) =
-        ServerProcess::start(&data, free_port(), free_port(), &super::NO_RATE_LIMIT).await?;
+    let dormant_after = DORMANT_AFTER_MS.to_string();
+    let mut args = super::NO_RATE_LIMIT.to_vec();
+    args.extend(["--sandbox-dormant-after-ms", &dormant_after]);
+    let (server, _) = ServerProcess::start(&data, free_port(), free_port(), &args).await?;
     let pid = server.pid()?;
     let (agents, _) = connect_fleet(
         &server.grpc_url(),
@@ -66,16 +73,39 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
     let api = Api::new(&server.admin.base, key);
     // A few creates first so one-off allocations (pools, caches, the
     // ledger actor) are not counted per sandbox.
-    let _ = create_many(&api, 200, 32).await;
+    let warmup = create_many(&api, 200, 32).await.len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss0 = rss_bytes(pid).unwrap_or(0);
 
     let started = Instant::now();
     let ids = create_many(&api, count, 64).await;
     let create_time = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss1 = rss_bytes(pid).unwrap_or(0);
+    let rss_created = rss_bytes(pid).unwrap_or(0);
     let created = ids.len();
+    // Every sandbox runs and has nothing more to do: wait until all are
+    // dormant, then until the allocator has handed back what their actors
+    // held (RSS steady for two seconds).
+    let deadline =
+        Instant::now() + Duration::from_millis(DORMANT_AFTER_MS) + Duration::from_secs(120);
+    let mut dormant = 0.0;
+    while Instant::now() < deadline {
+        dormant = dormant_sandboxes(&server.admin.base).await.unwrap_or(0.0);
+        if dormant >= (created + warmup) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let all_dormant = started.elapsed();
+    let mut rss1 = rss_bytes(pid).unwrap_or(0);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = rss_bytes(pid).unwrap_or(0);
+        let steady = now >= rss1.saturating_sub(rss1 / 100);
+        rss1 = rss1.min(now);
+        if steady {
+            break;
+        }
+    }
     let per = rss1.saturating_sub(rss0) as f64 / created.max(1) as f64;
 
     // Queries, one at a time (latency, not throughput).
@@ -115,21 +145,28 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
         "creates/s",
     );
     report.figure("cp_rss_before", rss0 as f64 / 1048576.0, "MiB");
+    report.figure(
+        "cp_rss_after_creates",
+        rss_created as f64 / 1048576.0,
+        "MiB",
+    );
+    report.figure("sandboxes_dormant", dormant, "");
+    report.figure("all_dormant_after", all_dormant.as_secs_f64(), "s");
     report.figure("cp_rss_after", rss1 as f64 / 1048576.0, "MiB");
     report.figure("cp_bytes_per_sandbox", per, "B");
     report.figure("bare_actor_bytes", floor, "B");
     report.figure("per_sandbox_vs_bare_actor", per / floor.max(1.0), "x");
-    if floor > TARGET_BYTES_PER_SANDBOX {
-        report.note(format!(
-            "one bare ractor actor costs {floor:.0} B here, more than the target per sandbox: \
-             the target needs idle sandboxes that are not resident actors"
-        ));
-    }
+    report.note(format!(
+        "memory per sandbox is measured once all are dormant (--sandbox-dormant-after-ms \
+         {DORMANT_AFTER_MS}); a sandbox with an actor costs at least a bare ractor actor, \
+         {floor:.0} B here"
+    ));
     let l = report.latencies("list_first_page", &list);
     let ld = report.latencies("list_page_after_mid", &list_deep);
     let g = report.latencies("get", &get);
     report.pass = Some(
         created == count
+            && dormant >= (created + warmup) as f64
             && per <= TARGET_BYTES_PER_SANDBOX
             && l.p99_ms < TARGET_QUERY_MS
             && ld.p99_ms < TARGET_QUERY_MS
@@ -184,6 +221,20 @@ pub async fn bare_actor_bytes(count: usize) -> anyhow::Result<f64> {
     supervisor.stop(None);
     let _ = supervisor_done.await;
     Ok(after.saturating_sub(before) as f64 / count.max(1) as f64)
+}
+
+/// `corral_sandboxes_dormant` from the server's `/metrics`.
+async fn dormant_sandboxes(base: &str) -> Option<f64> {
+    let text = crate::http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("corral_sandboxes_dormant ")?.parse().ok())
 }
 
 /// Creates `count` sandboxes, `concurrency` at a time; the ids created.
