@@ -251,3 +251,61 @@ async fn requests_racing_a_sandbox_falling_asleep_are_never_lost() {
     }
     assert!(metric(&cp, "corral_sandboxes_woken_total").await >= 20.0);
 }
+
+#[tokio::test]
+async fn a_suspended_org_stops_its_dormant_sandboxes() {
+    let cp = TestServer::start_with(|c| {
+        c.sandbox_dormant_after_ms = 100;
+        c.billing_interval_ms = 100;
+        c.billing_warning_micros = 2_000;
+        c.billing_grace_ms = 500;
+        c.billing_hold_window_ms = 0;
+    })
+    .await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    // 500 mCPU at 10 micro-units per vCPU-ms: 500 micro-units a tick, so
+    // the credit lasts about a second and a half after the create.
+    let (status, plan) = cp
+        .admin()
+        .post(
+            "/v1/admin/plans",
+            json!({"name": "steep", "cpu_micros_per_vcpu_hour": 36_000_000,
+                   "memory_micros_per_gib_hour": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    let (_, api) = cp
+        .create_org_with(json!({"name": "broke", "plan": "steep", "credits_micros": 8_000}))
+        .await;
+    let id = id_of(&create_sandbox(&api, small("spends")).await);
+    wait_dormant(&cp, &id).await;
+    let (_, b) = api.get("/v1/billing").await;
+    assert_ne!(b["status"], "suspended", "dormant before the suspension");
+
+    let s = state_becomes(&api, &id, "stopped").await;
+    assert_eq!(s["desired_state"], "stopped");
+    assert_eq!(
+        agent.runtime.phase(&id),
+        Some(corral_agent::runtime::Phase::Stopped)
+    );
+}
+
+#[tokio::test]
+async fn draining_a_host_stops_its_dormant_sandboxes() {
+    let cp = start(100).await;
+    let agent = cp.fake_agent(4000, 4096, fake()).await;
+    let (_, api) = cp.create_org("drained").await;
+    let id = id_of(&create_sandbox(&api, small("drained")).await);
+    wait_dormant(&cp, &id).await;
+
+    let (status, host) = cp
+        .admin()
+        .post(
+            &format!("/v1/admin/hosts/{}/drain?deadline_seconds=1", agent.host_id),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{host}");
+    let s = state_becomes(&api, &id, "stopped").await;
+    assert_eq!(s["desired_state"], "stopped");
+}
