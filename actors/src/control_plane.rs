@@ -504,9 +504,10 @@ impl ControlPlane {
     }
 
     /// Asks the sandbox's actor, woken first if it is dormant. An actor
-    /// that stops without answering (it went dormant, or moved to another
-    /// host, with the request still in its mailbox) did not act on it: the
-    /// request goes again, through the host the row names now.
+    /// that stops without answering (it went dormant, was destroyed or
+    /// moved to another host with the request still in its mailbox) did
+    /// not act on it: the request goes again, through the host the row
+    /// names now. A sandbox destroyed meanwhile is `InvalidState`.
     async fn ask_sandbox<T: Send + 'static>(
         &self,
         row: &sandbox::Model,
@@ -516,33 +517,39 @@ impl ControlPlane {
         const ATTEMPTS: usize = 4;
         let prefix = &self.inner.prefix;
         let mut row = row.clone();
+        let mut failure = CorralError::Internal("sandbox actor unavailable".into());
         for attempt in 0..ATTEMPTS {
             // After a first refusal the registry may still name the actor
             // that refused: ask its host.
-            let current = if attempt == 0 {
-                crate::actors::host::sandbox_actor(prefix, &row).await?
+            let actor = if attempt == 0 {
+                crate::actors::host::sandbox_actor(prefix, &row).await
             } else {
-                crate::actors::host::wake_sandbox(prefix, &row).await?
+                crate::actors::host::wake_sandbox(prefix, &row).await
             };
-            match current.ask(&make, Some(timeout)).await {
-                Ok(CallResult::Success(value)) => return Ok(value),
-                Ok(CallResult::Timeout) => {
-                    return Err(CorralError::HostTimeout(
-                        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                    ))
-                }
-                Ok(CallResult::SenderError) | Err(_) => {
-                    tracing::debug!(sandbox.id = %row.id, "its actor stopped before answering; asking again");
-                    row = self
-                        .inner
-                        .store
-                        .get_sandbox_any_org(&row.id)
-                        .await?
-                        .ok_or(CorralError::NotFound("sandbox"))?;
-                }
+            match actor {
+                Ok(actor) => match actor.ask(&make, Some(timeout)).await {
+                    Ok(CallResult::Success(value)) => return Ok(value),
+                    Ok(CallResult::Timeout) => {
+                        return Err(CorralError::HostTimeout(
+                            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                        ))
+                    }
+                    Ok(CallResult::SenderError) | Err(_) => {}
+                },
+                Err(err) => failure = err,
+            }
+            tracing::debug!(sandbox.id = %row.id, attempt, "its actor stopped before answering; asking again");
+            row = self
+                .inner
+                .store
+                .get_sandbox_any_org(&row.id)
+                .await?
+                .ok_or(CorralError::NotFound("sandbox"))?;
+            if row.state == SandboxState::Destroyed.as_str() {
+                return Err(CorralError::InvalidState("the sandbox is destroyed".into()));
             }
         }
-        Err(CorralError::Internal("sandbox actor unavailable".into()))
+        Err(failure)
     }
 
     /// Sets the desired state of one of the org's sandboxes and, with
@@ -575,7 +582,7 @@ impl ControlPlane {
         // margin covers queueing behind an earlier operation.
         let margin = Duration::from_secs(30);
         let span = tracing::Span::current();
-        if wait {
+        let answered = if wait {
             self.ask_sandbox(
                 &row,
                 |reply| SandboxMsg::SetDesired {
@@ -585,7 +592,7 @@ impl ControlPlane {
                 },
                 timeout + margin,
             )
-            .await?
+            .await
         } else {
             // Answer once the intent is persisted (it may queue behind a step
             // in flight), so a crash right after the answer loses nothing.
@@ -598,7 +605,21 @@ impl ControlPlane {
                 },
                 self.inner.timeouts.create.max(timeout) + margin,
             )
-            .await?
+            .await
+        };
+        match answered {
+            // A delete that lost a race with another delete is done.
+            Err(CorralError::InvalidState(_)) if desired == DesiredState::Destroyed => {
+                let row = self.get_sandbox(org_id, id).await?;
+                if row.state == SandboxState::Destroyed.as_str() {
+                    Ok(row)
+                } else {
+                    Err(CorralError::InvalidState(
+                        "the sandbox changed while it was being deleted; try again".into(),
+                    ))
+                }
+            }
+            answered => answered?,
         }
     }
 

@@ -1070,8 +1070,15 @@ impl HostActor {
         state: &mut HostActorState,
         id: String,
         dormant: Dormant,
-        waiting: Vec<Waiting>,
+        mut waiting: Vec<Waiting>,
     ) {
+        // Reports that agree with where it rests need no actor.
+        waiting.retain(|waited| match waited {
+            Waiting::Deliver(SandboxMsg::Observed { status, as_of, .. }) => {
+                dormant.concerned_by(status, *as_of)
+            }
+            _ => true,
+        });
         state.args.metrics.sandboxes_slept.inc();
         let held = self.hold(myself, state, &id, &dormant);
         state.sandboxes.insert(

@@ -175,10 +175,13 @@ pub struct SandboxActorState {
     /// `touched` as it was when the actor told its host it was idle; the
     /// host's [`SandboxMsg::Sleep`] is obeyed only if it has not moved.
     resting: Option<Instant>,
+    /// The TTL timer, cancelled when the actor stops (a pending timer holds
+    /// the actor's cell, mailboxes and all, until it fires).
+    ttl_timer: Option<tokio::task::AbortHandle>,
 }
 
-/// Why an actor that goes dormant stops (its host tells it from the other
-/// ends of a sandbox's actor).
+/// The reason an actor gives when it stops for its sandbox to go dormant
+/// (how its host tells that from a destroy or a move).
 pub const DORMANT: &str = "dormant";
 
 /// What the host keeps of a dormant sandbox: enough to tell whether a
@@ -373,6 +376,7 @@ impl Actor for SandboxActor {
             touched: Instant::now(),
             rest_timer: false,
             resting: None,
+            ttl_timer: None,
         })
     }
 
@@ -386,7 +390,19 @@ impl Actor for SandboxActor {
         let _ = myself.tell(SandboxMsg::Converge(state.waiter.take()));
         if let Some(expires_at) = state.row.expires_at {
             let delay = (expires_at - Utc::now()).to_std().unwrap_or_default();
-            myself.tell_after(delay, || SandboxMsg::Expire);
+            let timer = myself.tell_after(delay, || SandboxMsg::Expire);
+            state.ttl_timer = Some(timer.abort_handle());
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(timer) = state.ttl_timer.take() {
+            timer.abort();
         }
         Ok(())
     }
