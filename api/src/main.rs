@@ -9,6 +9,10 @@ use corral_api::server::{Server, ServerConfig};
 
 /// jemalloc: glibc's malloc was a sixth of the CPU under load, and
 /// mimalloc held a third more memory (docs/performance.md, "Optimisations").
+/// Built with background threads on (the workspace's `background_threads`
+/// feature): freed pages go back to the system as they decay even while the
+/// process is quiet. Without them the pages that dormant sandboxes' actors
+/// held stayed resident until later allocations happened to purge them.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -96,16 +96,20 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let all_dormant = started.elapsed();
-    let mut rss1 = rss_bytes(pid).unwrap_or(0);
-    while Instant::now() < deadline {
+    // jemalloc's background thread returns freed pages as they decay (over
+    // about ten seconds): sample until RSS fell by less than 1% in 6 s.
+    let mut samples = vec![rss_bytes(pid).unwrap_or(0)];
+    let settle_until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < settle_until {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = rss_bytes(pid).unwrap_or(0);
-        let steady = now >= rss1.saturating_sub(rss1 / 100);
-        rss1 = rss1.min(now);
-        if steady {
-            break;
+        samples.push(rss_bytes(pid).unwrap_or(0));
+        if let [.., earlier, _, _, last] = samples[..] {
+            if last >= earlier - earlier / 100 {
+                break;
+            }
         }
     }
+    let rss1 = samples.last().copied().unwrap_or(0);
     let per = rss1.saturating_sub(rss0) as f64 / created.max(1) as f64;
 
     // Queries, one at a time (latency, not throughput).
