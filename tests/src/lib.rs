@@ -151,6 +151,20 @@ impl Api {
 }
 
 /// The error code of an error response.
+/// One unlabelled figure of the Prometheus page `{base}/metrics`.
+pub async fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }

@@ -59,17 +59,9 @@ async fn wait_dormant(cp: &TestServer, id: &str) {
 
 /// One figure of the control plane's `/metrics`.
 async fn metric(cp: &TestServer, name: &str) -> f64 {
-    let text = corral_tests::http_client()
-        .get(format!("{}/metrics", cp.server.http_url()))
-        .send()
+    corral_tests::metric(&cp.server.http_url(), name)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .unwrap_or_else(|| panic!("no {name} in the control plane's metrics"))
 }
 
 async fn state_becomes(api: &Api, id: &str, state: &str) -> Value {

@@ -89,7 +89,9 @@ async fn measure(mut report: Report, count: usize, hosts: usize) -> anyhow::Resu
         Instant::now() + Duration::from_millis(DORMANT_AFTER_MS) + Duration::from_secs(120);
     let mut dormant = 0.0;
     while Instant::now() < deadline {
-        dormant = dormant_sandboxes(&server.admin.base).await.unwrap_or(0.0);
+        dormant = crate::metric(&server.admin.base, "corral_sandboxes_dormant")
+            .await
+            .unwrap_or(0.0);
         if dormant >= (created + warmup) as f64 {
             break;
         }
@@ -225,20 +227,6 @@ pub async fn bare_actor_bytes(count: usize) -> anyhow::Result<f64> {
     supervisor.stop(None);
     let _ = supervisor_done.await;
     Ok(after.saturating_sub(before) as f64 / count.max(1) as f64)
-}
-
-/// `corral_sandboxes_dormant` from the server's `/metrics`.
-async fn dormant_sandboxes(base: &str) -> Option<f64> {
-    let text = crate::http_client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("corral_sandboxes_dormant ")?.parse().ok())
 }
 
 /// Creates `count` sandboxes, `concurrency` at a time; the ids created.
