@@ -249,6 +249,20 @@ impl TestServer {
         (org_id, Api::new(self.server.http_url(), key))
     }
 
+    /// Creates a price plan charging `cpu_micros_per_vcpu_hour` for CPU and
+    /// nothing for memory.
+    pub async fn create_plan(&self, name: &str, cpu_micros_per_vcpu_hour: i64) {
+        let (status, body) = self
+            .admin()
+            .post(
+                "/v1/admin/plans",
+                json!({"name": name, "cpu_micros_per_vcpu_hour": cpu_micros_per_vcpu_hour,
+                       "memory_micros_per_gib_hour": 0}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
     /// Issues a host token; returns (host id, token).
     pub async fn host_token(&self, name: &str) -> (String, String) {
         let (status, body) = self

@@ -23,15 +23,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 const MILLI_PLAN: i64 = 3_600_000;
 
 async fn milli_plan(cp: &TestServer) {
-    let (status, body) = cp
-        .admin()
-        .post(
-            "/v1/admin/plans",
-            json!({"name": "milli", "cpu_micros_per_vcpu_hour": MILLI_PLAN,
-                   "memory_micros_per_gib_hour": 0}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    cp.create_plan("milli", MILLI_PLAN).await;
 }
 
 /// A control plane charging every `interval_ms` and writing usage periods
@@ -274,15 +266,7 @@ async fn running_out_of_credit_walks_warning_grace_suspension_and_a_deposit_rest
     .await;
     let _agent = cp.fake_agent(8000, 8192, FakeConfig::default()).await;
     // 100 mCPU at 10 micro-units per vCPU-ms: 100 micro-units a tick.
-    let (status, plan) = cp
-        .admin()
-        .post(
-            "/v1/admin/plans",
-            json!({"name": "steep", "cpu_micros_per_vcpu_hour": 36_000_000,
-                   "memory_micros_per_gib_hour": 0}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    cp.create_plan("steep", 36_000_000).await;
     let (org_id, api) = cp
         .create_org_with(json!({"name": "spendthrift", "plan": "steep", "credits_micros": 3_000}))
         .await;

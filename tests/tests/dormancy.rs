@@ -2,7 +2,7 @@
 //! is held by its host until something concerns it (a request, a report
 //! that disagrees with its row, its TTL, its host's fate). Everything a
 //! resident sandbox does, a dormant one must still do: these tests let
-//! sandboxes fall asleep (after 100 ms, or 10 ms for the races) and then
+//! sandboxes fall asleep (after 100 ms, or 1 ms for the races) and then
 //! drive them through the API, the agent and the clock, over real gRPC.
 
 use std::time::Duration;
@@ -257,15 +257,7 @@ async fn a_suspended_org_stops_its_dormant_sandboxes() {
     let agent = cp.fake_agent(4000, 4096, fake()).await;
     // 500 mCPU at 10 micro-units per vCPU-ms: 500 micro-units a tick, so
     // the credit lasts about a second and a half after the create.
-    let (status, plan) = cp
-        .admin()
-        .post(
-            "/v1/admin/plans",
-            json!({"name": "steep", "cpu_micros_per_vcpu_hour": 36_000_000,
-                   "memory_micros_per_gib_hour": 0}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    cp.create_plan("steep", 36_000_000).await;
     let (_, api) = cp
         .create_org_with(json!({"name": "broke", "plan": "steep", "credits_micros": 8_000}))
         .await;

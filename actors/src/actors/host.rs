@@ -212,6 +212,14 @@ pub struct HostActorState {
     inventory_in_flight: bool,
 }
 
+impl HostActorState {
+    /// The ids of the sandboxes on this host, whatever their slot (to go
+    /// through while the slots change).
+    fn held(&self) -> Vec<String> {
+        self.sandboxes.keys().cloned().collect()
+    }
+}
+
 pub struct HostActor;
 
 impl Actor for HostActor {
@@ -647,7 +655,7 @@ impl HostActor {
             .into_iter()
             .map(|s| (s.sandbox_id.clone(), s))
             .collect();
-        let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+        let held = state.held();
         for id in held {
             let status = reported.remove(&id).unwrap_or(pb::SandboxStatus {
                 sandbox_id: id,
@@ -779,7 +787,7 @@ impl HostActor {
                 tracing::error!(host.id = %host_id, error = %err, "could not read the host row");
             }
         }
-        let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+        let held = state.held();
         for id in held {
             self.deliver(myself, state, &id, SandboxMsg::HostOffline)
                 .await;
@@ -805,7 +813,7 @@ impl HostActor {
         tracing::info!(host.id = %host_id, admin = %admin, "host state changed by an operator");
         if admin == HostAdminState::Draining {
             let grace = drain_deadline.unwrap_or(state.args.timeouts.stop_grace);
-            let held: Vec<String> = state.sandboxes.keys().cloned().collect();
+            let held = state.held();
             for id in held {
                 self.deliver(myself, state, &id, SandboxMsg::Drain { grace })
                     .await;
